@@ -1,0 +1,41 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+KERNEL := saelib
+
+.PHONY: setup demo test lab bench lint clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first: with it in place, the project's "torch>=2.4" installs nothing more.
+	$(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (saelib)"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m saelib fetch
+	$(PY) -m saelib run all
+
+test: setup
+	$(PY) -m saelib fetch
+	$(PY) -m ruff check saelib tests benchmarks
+	$(PY) -m pytest
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+bench: setup
+	$(PY) benchmarks/topk_step.py
+
+lint: setup
+	$(PY) -m ruff check saelib tests benchmarks
+	$(PY) -m ruff format --check saelib tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,267 @@
+"""Harvest residual-stream activations through nnsight, with an on-disk cache.
+
+``harvest(HarvestConfig(...))`` runs the language model over a dataset, stops the forward pass
+after the requested layer, keeps the residual stream at the chosen token positions (no pad or
+special tokens), and stores it as safetensors shards under a folder named by a hash of
+everything that determines the result. A second request with the same config reads the shards
+and runs no forward pass.
+
+Each vector keeps where it came from (document index, position, token id), so later tools can
+show the context a latent fires in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saelib import assets
+from saelib.data import Document, load_documents
+
+Positions = Literal["all", "last", "answer"]
+CACHE_FORMAT = 1
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    model: str = "smollm2-135m"
+    layer: int = 15
+    dataset: str = "gsm8k"
+    positions: Positions = "all"
+    max_tokens: int = 16_384  # how many activation vectors to keep
+    context_length: int = 256  # documents are truncated to this many tokens
+    batch_size: int = 16  # documents per forward pass
+    shard_size: int = 65_536  # vectors per safetensors shard
+
+    def cache_key(self) -> str:
+        """Hash of every field that changes the harvested vectors (not batching or sharding)."""
+        determining = {
+            "format": CACHE_FORMAT,
+            "model": self.model,
+            "model_fingerprint": _fingerprint(self.model),
+            "layer": self.layer,
+            "dataset": self.dataset,
+            "dataset_fingerprint": _fingerprint(self.dataset),
+            "positions": self.positions,
+            "max_tokens": self.max_tokens,
+            "context_length": self.context_length,
+        }
+        text = json.dumps(determining, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass
+class ActivationSet:
+    """Activation vectors with where each came from."""
+
+    acts: torch.Tensor  # (n, d_model) float32
+    doc_index: torch.Tensor  # (n,) int64: index of the source document
+    position: torch.Tensor  # (n,) int64: token position within the document
+    token_id: torch.Tensor  # (n,) int64
+    config: HarvestConfig
+    path: Path | None = None
+    from_cache: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.acts.shape[1]
+
+    def split_by_document(self, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Row indices (train, val), with whole documents on one side so no text leaks across."""
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        documents = torch.unique(self.doc_index)
+        if len(documents) < 2:
+            raise ValueError("a train/val split by document needs at least two documents")
+        generator = torch.Generator().manual_seed(seed)
+        shuffled = documents[torch.randperm(len(documents), generator=generator)]
+        n_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
+        is_val = torch.isin(self.doc_index, shuffled[:n_val])
+        return torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+
+
+def cache_root() -> Path:
+    return assets.cache_dir() / "activations"
+
+
+def harvest(config: HarvestConfig, progress: bool = True) -> ActivationSet:
+    """Return the activations for ``config``, from the cache when present."""
+    folder = cache_root() / config.cache_key()
+    if (folder / "meta.json").exists():
+        return _load(folder, config)
+    return _harvest_to_cache(config, folder, progress)
+
+
+def _load(folder: Path, config: HarvestConfig) -> ActivationSet:
+    meta = json.loads((folder / "meta.json").read_text())
+    parts = [load_file(folder / name) for name in meta["shards"]]
+    columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return ActivationSet(
+        acts=columns["acts"],
+        doc_index=columns["doc_index"],
+        position=columns["position"],
+        token_id=columns["token_id"],
+        config=config,
+        path=folder,
+        from_cache=True,
+        meta=meta,
+    )
+
+
+def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> ActivationSet:
+    from saelib.lm import load_lm
+
+    lm = load_lm(config.model)
+    check_layer(config.layer, lm.n_layers, config.model)
+    documents = load_documents(config.dataset)
+    if config.positions == "answer" and documents[0].answer_start is None:
+        raise ValueError(
+            f"positions='answer' needs question/answer documents; {config.dataset!r} has none"
+        )
+    shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted harvest
+    folder.mkdir(parents=True)
+    writer = _ShardWriter(folder, config.shard_size)
+    collected = 0
+    bar = tqdm(total=config.max_tokens, desc=f"harvest layer {config.layer}", disable=not progress)
+    for start in range(0, len(documents), config.batch_size):
+        batch = documents[start : start + config.batch_size]
+        columns = _forward_batch(lm, batch, start, config)
+        take = min(len(columns["acts"]), config.max_tokens - collected)
+        writer.add({key: value[:take] for key, value in columns.items()})
+        collected += take
+        bar.update(take)
+        if collected >= config.max_tokens:
+            break
+    bar.close()
+    if collected == 0:
+        shutil.rmtree(folder)
+        raise ValueError(f"no tokens matched positions={config.positions!r} in {config.dataset!r}")
+    shards = writer.close()
+    meta = {
+        "config": asdict(config),
+        "cache_key": config.cache_key(),
+        "n_vectors": collected,
+        "n_documents_read": min(start + config.batch_size, len(documents)),
+        "d_model": lm.d_model,
+        "shards": shards,
+    }
+    _write_json_atomically(folder / "meta.json", meta)  # written last: marks the cache complete
+    result = _load(folder, config)
+    result.from_cache = False
+    return result
+
+
+def check_layer(layer: int, n_layers: int, model: str) -> None:
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range for {model} (layers 0..{n_layers - 1})")
+
+
+@torch.inference_mode()
+def _forward_batch(lm, batch: list[Document], first_index: int, config: HarvestConfig) -> dict:
+    encoded = lm.tokenizer(
+        [doc.text for doc in batch],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        truncation=True,
+        max_length=config.context_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    keep = _position_mask(encoded, batch, config.positions)
+    with lm.model.trace(
+        input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+    ) as tracer:
+        hidden = lm.layers[config.layer].output.save()
+        tracer.stop()  # nothing after this layer is needed
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    rows, cols = torch.nonzero(keep, as_tuple=True)
+    return {
+        "acts": hidden[rows, cols].float().cpu(),
+        "doc_index": rows + first_index,
+        "position": cols,
+        "token_id": encoded["input_ids"][rows, cols],
+    }
+
+
+def _position_mask(encoded, batch: list[Document], positions: Positions) -> torch.Tensor:
+    """(batch, seq) bool: which tokens to keep. Pad and special tokens are never kept."""
+    real = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
+    if positions == "all":
+        return real
+    if positions == "last":
+        last = real.cumsum(1).argmax(1)  # first index reaching the row's count of real tokens
+        mask = torch.zeros_like(real)
+        mask[torch.arange(len(batch)), last] = real.any(1)
+        return mask
+    if positions == "answer":
+        starts = torch.tensor([doc.answer_start for doc in batch]).unsqueeze(1)
+        offsets = encoded["offset_mapping"]  # (batch, seq, 2) character spans
+        return real & (offsets[..., 1] > starts) & (offsets[..., 1] > offsets[..., 0])
+    raise ValueError(f"positions must be 'all', 'last' or 'answer', got {positions!r}")
+
+
+class _ShardWriter:
+    """Buffers columns and writes fixed-size safetensors shards, each via temp file + rename."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.pending: list[dict] = []
+        self.pending_rows = 0
+        self.names: list[str] = []
+
+    def add(self, columns: dict) -> None:
+        self.pending.append(columns)
+        self.pending_rows += len(columns["acts"])
+        while self.pending_rows >= self.shard_size:
+            merged = self._merge()
+            self._write({key: value[: self.shard_size] for key, value in merged.items()})
+            rest = {key: value[self.shard_size :] for key, value in merged.items()}
+            self.pending, self.pending_rows = [rest], len(rest["acts"])
+
+    def close(self) -> list[str]:
+        if self.pending_rows:
+            self._write(self._merge())
+        return self.names
+
+    def _merge(self) -> dict:
+        keys = self.pending[0].keys()
+        return {key: torch.cat([part[key] for part in self.pending]).contiguous() for key in keys}
+
+    def _write(self, columns: dict) -> None:
+        name = f"shard_{len(self.names):05d}.safetensors"
+        temporary = self.folder / (name + ".tmp")
+        save_file(columns, str(temporary))
+        os.replace(temporary, self.folder / name)
+        self.names.append(name)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def _fingerprint(source: str) -> str:
+    """Identify the content behind a model or dataset source, cheaply."""
+    if source in assets.ASSETS:
+        return assets.ASSETS[source].sha256
+    path = Path(source).expanduser()
+    if path.exists():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return source

@@ -1,0 +1,15 @@
+"""SAE architectures: one module each, registered by name for checkpoint loading."""
+
+from saelib.saes.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, load_sae
+from saelib.saes.topk import TopKConfig, TopKSAE, geometric_median
+
+__all__ = [
+    "SAE",
+    "SAE_REGISTRY",
+    "SAEConfig",
+    "SAEOutput",
+    "TopKConfig",
+    "TopKSAE",
+    "geometric_median",
+    "load_sae",
+]

@@ -1,0 +1,67 @@
+"""Sparse building blocks for TopK-style SAEs.
+
+A TopK SAE keeps k of d_sae latents per row. Only the dense encoder product is unavoidable; the
+decoder and every backward pass need just the k selected latents, which makes them
+O(batch * k * d_in) instead of O(batch * d_sae * d_in).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+class _GatherPreacts(torch.autograd.Function):
+    """Pre-activations at chosen latents, with a backward that touches only those latents.
+
+    The forward receives the values already computed by the dense encoder product (under
+    no_grad) and just passes them through; the backward builds the encoder gradients from the
+    k selected latents of each row.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, values: Tensor, indices: Tensor):
+        ctx.save_for_backward(x, W_enc, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, W_enc, indices = ctx.saved_tensors
+        grad_x = grad_W = grad_b = None
+        flat_indices = indices.reshape(-1)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _sparse_transpose_matmul(grad, indices, x, W_enc.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.new_zeros(W_enc.shape[0]).index_add_(0, flat_indices, grad.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+def _sparse_transpose_matmul(values: Tensor, indices: Tensor, x: Tensor, n_latents: int) -> Tensor:
+    """G^T @ x where G is (batch, n_latents) with ``values`` at ``indices`` and zeros elsewhere."""
+    batch, k = indices.shape
+    rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+    sparse = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), rows]),
+        values.reshape(-1).to(x.dtype),
+        size=(n_latents, batch),
+        check_invariants=False,
+    )
+    return torch.sparse.mm(sparse, x)
+
+
+def gather_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, values: Tensor, indices: Tensor):
+    """Differentiable ``(x @ W_enc.T + b_enc).gather(1, indices)`` given its ``values``."""
+    return _GatherPreacts.apply(x, W_enc, b_enc, values, indices)
+
+
+def sparse_decode(acts: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j acts[:, j] * W_dec[indices[:, j]], without forming the dense latent matrix."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=acts.to(W_dec.dtype), mode="sum")
+
+
+def dense_latents(acts: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    """Scatter sparse (acts, indices) into a dense (batch, d_sae) matrix."""
+    return acts.new_zeros(acts.shape[0], d_sae).scatter_(1, indices, acts)

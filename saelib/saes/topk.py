@@ -1,0 +1,94 @@
+"""TopK sparse autoencoder (Gao et al. 2024; as in dictionary_learning and sparsify).
+
+encode: pre = (x - b_dec) @ W_enc.T + b_enc; keep the k largest pre-activations per row, ReLU.
+decode: x_hat = sum over the k kept latents of act * W_dec[latent] + b_dec.
+The decoder directions (rows of W_dec) have unit norm. The decoder bias is optional; when used it
+starts at the geometric median of the first training batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
+from saelib.saes.sparse_ops import gather_preacts, sparse_decode
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32
+    use_decoder_bias: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must lie in 1..d_sae={self.d_sae}, got k={self.k}")
+
+
+@register
+class TopKSAE(SAE):
+    architecture = "topk"
+    config_class = TopKConfig
+    config: TopKConfig
+
+    def __init__(self, config: TopKConfig, generator: torch.Generator | None = None):
+        super().__init__(config)
+        directions = torch.randn(config.d_sae, config.d_in, generator=generator)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(directions)
+        self.W_enc = nn.Parameter(directions.clone())  # encoder starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
+        bias = torch.zeros(config.d_in)
+        if config.use_decoder_bias:
+            self.b_dec = nn.Parameter(bias)
+        else:
+            self.register_buffer("b_dec", bias)  # stays zero, kept for a uniform formula
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    def forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
+        acts, indices, pre_acts = self.encode(x, k)
+        return SAEOutput(self.decode(acts, indices), acts, indices, pre_acts)
+
+    def encode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(acts, indices, detached dense pre-activations) of the top-k latents per row."""
+        centred = x - self.b_dec
+        with torch.no_grad():
+            pre_acts = torch.addmm(self.b_enc, centred, self.W_enc.T)
+        values, indices = pre_acts.topk(k or self.k, dim=-1, sorted=False)
+        acts = torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices))
+        return acts, indices, pre_acts
+
+    def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
+        return sparse_decode(acts, indices, self.W_dec) + self.b_dec
+
+    def encode_aux(self, x: Tensor, pre_acts: Tensor, dead: Tensor, k_aux: int):
+        """Top-``k_aux`` latents among the ``dead`` ones (for the AuxK loss)."""
+        masked = pre_acts.masked_fill(~dead, float("-inf"))
+        values, indices = masked.topk(min(k_aux, int(dead.sum())), dim=-1, sorted=False)
+        centred = x - self.b_dec
+        return torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices)), indices
+
+    @torch.no_grad()
+    def init_decoder_bias(self, batch: Tensor) -> None:
+        """Start b_dec at the geometric median of ``batch`` (no-op without a decoder bias)."""
+        if self.config.use_decoder_bias:
+            self.b_dec.copy_(geometric_median(batch))
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iterations: int = 100, tolerance: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        if (updated - median).norm() <= tolerance * median.norm().clamp_min(1.0):
+            return updated
+        median = updated
+    return median
