@@ -9,6 +9,7 @@ safetensors folder in the cache, so later loads take a second instead of twenty.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import warnings
@@ -78,6 +79,35 @@ def load_lm(source: str, device: str = "cpu") -> LoadedLM:
     return LoadedLM(name=source, model=model, tokenizer=tokenizer)
 
 
+def num_layers(source: str) -> int:
+    """Number of decoder blocks of ``source``, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    folder, _ = _resolve_config_source(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if folder.endswith(".gguf"):
+            path = Path(folder)
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(folder)
+    return int(config.num_hidden_layers)
+
+
+def _resolve_config_source(source: str) -> tuple[str, None]:
+    """Like ``_resolve`` but never converts: a GGUF file is read for its metadata only."""
+    if source in assets.ASSETS:
+        gguf_path = assets.fetch(source)
+        converted = _converted_folder(gguf_path)
+        if (converted / "config.json").exists():
+            return str(converted), None
+        return str(gguf_path), None
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and path.exists():
+        return str(path), None
+    return _resolve(source)
+
+
 def _resolve(source: str) -> tuple[str, str | None]:
     """Map a model source to (folder or hub id, gguf file name or None)."""
     if source in assets.ASSETS:
@@ -94,10 +124,15 @@ def _resolve(source: str) -> tuple[str, str | None]:
     return source, None  # a Hugging Face hub id
 
 
+def _converted_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()  # size and mtime identify the file without hashing 100 MB each time
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return assets.cache_dir() / "converted" / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+
+
 def _converted_gguf(gguf_path: Path) -> Path:
     """De-quantise a GGUF file once into a transformers folder in the cache."""
-    key = assets.sha256_of(gguf_path)[:16]
-    target = assets.cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
+    target = _converted_folder(gguf_path)
     if (target / "model.safetensors").exists():
         return target
     from safetensors.torch import save_model

@@ -145,13 +145,19 @@ def _check_specs(specs: Sequence[SAESpec], activations: Tensor) -> None:
     for spec in specs:
         if spec.sae.d_in != activations.shape[1]:
             raise ValueError(
-                f"SAE {spec.name!r} has d_in={spec.sae.d_in} but activations have d={activations.shape[1]}"
+                f"SAE {spec.name!r} has d_in={spec.sae.d_in} "
+                f"but the activations have d={activations.shape[1]}"
             )
 
 
 def _start_run(spec, config, device, total, folder, resume) -> _Run:
     spec.sae.to(device)
-    optimizer = torch.optim.Adam(spec.sae.parameters(), lr=config.lr, betas=config.adam_betas)
+    optimizer = torch.optim.Adam(
+        spec.sae.parameters(),
+        lr=config.lr,
+        betas=config.adam_betas,
+        fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters: several x faster
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
     run = _Run(
         spec, optimizer, scheduler, torch.zeros(spec.sae.d_sae, dtype=torch.long, device=device)

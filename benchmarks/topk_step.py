@@ -1,0 +1,206 @@
+"""Throughput of one TopK SAE training step: saelib's sparse kernels vs a dense reference.
+
+Measures tokens/s (activation vectors per second) of a full training step, as saelib's trainer
+runs it: forward, MSE loss (AuxK off), backward, removal of the decoder-gradient component
+parallel to the decoder directions, Adam step, decoder renormalisation. The same step is timed
+for ``saelib.saes.TopKSAE`` and for a dense reference (the formulation of dictionary_learning's
+TopK trainer: the k values are scattered into a dense (batch, d_sae) matrix and decoded by a
+dense matmul, all with plain autograd). Both run in the same process at the same shapes; the
+script checks once that they reconstruct identically from the same weights, then prints the
+median step time, tokens/s, and ``ratio = saelib tokens/s / dense tokens/s``.
+
+    python benchmarks/topk_step.py [--steps N] [--warmup N] [--shape cpu|cuda|all] [--device D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saelib.losses import TopKLoss, TrainState
+from saelib.saes.topk import TopKConfig, TopKSAE
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d_in: int
+    d_sae: int
+    k: int
+    batch: int
+
+
+SHAPES = {
+    "cpu": Shape("cpu", d_in=576, d_sae=4608, k=32, batch=1024),
+    "cuda": Shape("cuda", d_in=2304, d_sae=16384, k=40, batch=2048),
+}
+
+
+class DenseTopKSAE(nn.Module):
+    """Reference TopK SAE: dense latents, dense decoder, plain autograd."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int):
+        super().__init__()
+        self.k = k
+        self.encoder = nn.Linear(d_in, d_sae)
+        self.decoder = nn.Linear(d_sae, d_in)  # weight (d_in, d_sae): one direction per column
+        nn.init.zeros_(self.decoder.bias)  # plays the role of b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        post_relu = torch.relu(self.encoder(x - self.decoder.bias))
+        values, indices = post_relu.topk(self.k, dim=-1, sorted=False)
+        latents = torch.zeros_like(post_relu).scatter(-1, indices, values)
+        return self.decoder(latents)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        weight, grad = self.decoder.weight, self.decoder.weight.grad
+        grad.sub_((grad * weight).sum(dim=0, keepdim=True) * weight)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        weight = self.decoder.weight
+        weight.div_(weight.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def load_from(self, sae: TopKSAE) -> None:
+        """Copy saelib's weights (W_enc, b_enc, W_dec, b_dec) into this module."""
+        self.encoder.weight.copy_(sae.W_enc)
+        self.encoder.bias.copy_(sae.b_enc)
+        self.decoder.weight.copy_(sae.W_dec.T)
+        self.decoder.bias.copy_(sae.b_dec)
+
+
+def mse(x: Tensor, recon: Tensor) -> Tensor:
+    return (recon.float() - x.float()).pow(2).mean()
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def saelib_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    """The trainer's step for saelib (saelib.train._train_step without logging/clipping)."""
+    loss = TopKLoss(auxk_alpha=0.0)
+    state = TrainState(0, 1, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device))
+    with autocast(x.device):
+        total = loss(sae, x, sae(x), state)["total"]
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    sae.remove_parallel_decoder_grad()
+    optimizer.step()
+    sae.normalize_decoder()
+
+
+def dense_step(model: DenseTopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    with autocast(x.device):
+        total = mse(x, model(x))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    model.remove_parallel_decoder_grad()
+    optimizer.step()
+    model.normalize_decoder()
+
+
+def build(shape: Shape, device: torch.device) -> tuple[TopKSAE, DenseTopKSAE, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sae = TopKSAE(TopKConfig(shape.d_in, shape.d_sae, shape.k, use_decoder_bias=True), generator)
+    x = torch.randn(shape.batch, shape.d_in, generator=generator)
+    sae.init_decoder_bias(x)
+    dense = DenseTopKSAE(shape.d_in, shape.d_sae, shape.k)
+    dense.load_from(sae)
+    return sae.to(device), dense.to(device), x.to(device)
+
+
+@torch.no_grad()
+def check_same_recon(sae: TopKSAE, dense: DenseTopKSAE, x: Tensor) -> tuple[bool, float]:
+    """Same weights, float32, no autocast: do both reconstruct x identically?"""
+    recon_sparse, recon_dense = sae(x).recon, dense(x)
+    max_diff = (recon_sparse - recon_dense).abs().max().item()
+    return torch.allclose(recon_sparse, recon_dense, rtol=1e-4, atol=1e-5), max_diff
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+    """Median seconds per call of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        started = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run_shape(shape: Shape, device: torch.device, warmup: int, steps: int) -> None:
+    sae, dense, x = build(shape, device)
+    same, max_diff = check_same_recon(sae, dense, x)
+    print(
+        f"[{shape.name}] d_in={shape.d_in} d_sae={shape.d_sae} k={shape.k} batch={shape.batch} "
+        f"device={device.type} threads={torch.get_num_threads()}"
+    )
+    print(f"  same reconstruction (same weights, fp32): {same}  max |diff| = {max_diff:.2e}")
+    sae_opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    dense_opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    seconds = {
+        "saelib (sparse)": time_steps(lambda: saelib_step(sae, sae_opt, x), device, warmup, steps),
+        "dense reference": time_steps(
+            lambda: dense_step(dense, dense_opt, x), device, warmup, steps
+        ),
+    }
+    print_table(seconds, shape.batch)
+
+
+def print_table(seconds: dict[str, float], batch: int) -> None:
+    print(f"  {'implementation':<18}{'median ms/step':>16}{'tokens/s':>14}")
+    for name, value in seconds.items():
+        print(f"  {name:<18}{value * 1e3:>16.2f}{batch / value:>14,.0f}")
+    ratio = seconds["dense reference"] / seconds["saelib (sparse)"]
+    print(f"  ratio = saelib tokens/s / dense tokens/s = {ratio:.2f}x")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument(
+        "--shape",
+        choices=["auto", "all", *SHAPES],
+        default="auto",
+        help="auto: the cpu shape, plus the cuda shape on a CUDA device",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if args.shape in ("auto", "all"):
+        names = ["cpu", "cuda"] if device.type == "cuda" or args.shape == "all" else ["cpu"]
+    else:
+        names = [args.shape]
+    torch.manual_seed(0)
+    for name in names:
+        run_shape(SHAPES[name], device, args.warmup, args.steps)
+
+
+if __name__ == "__main__":
+    main()

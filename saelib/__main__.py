@@ -1,0 +1,80 @@
+"""Command line: ``python -m saelib {run,fetch,list}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from saelib.params import ParamsError, parse_override
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ParamsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m saelib", description=__doc__)
+    commands = parser.add_subparsers(required=True)
+
+    run = commands.add_parser("run", help="run a study notebook with papermill")
+    run.add_argument("study", help="a study name, or 'all'")
+    run.add_argument("-f", "--params-file", help="YAML params (default: params/<study>.yaml)")
+    run.add_argument(
+        "-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+        help="override one parameter (VALUE is read as YAML: 5, 1e-3, [5, 10], text)",
+    )  # fmt: skip
+    run.set_defaults(handler=_run)
+
+    fetch = commands.add_parser("fetch", help="fetch the embedded model and datasets")
+    fetch.set_defaults(handler=_fetch)
+
+    listing = commands.add_parser("list", help="list the studies")
+    listing.set_defaults(handler=_list)
+    return parser
+
+
+def _run(args) -> int:
+    from saelib.runner import get_study, run_study
+    from saelib.studies import STUDIES
+
+    overrides = {key: parse_override(value) for key, value in args.param}
+    names = sorted(STUDIES) if args.study == "all" else [args.study]
+    if args.study == "all" and (args.params_file or overrides):
+        raise ParamsError("'run all' uses each study's default params; -f and -p need one study")
+    for name in names:
+        get_study(name)
+    folders = []
+    for name in names:
+        folder = run_study(name, args.params_file, overrides)
+        folders.append(folder)
+        print(f"{name}: outputs in {folder}")
+        print(f"  notebook {folder / (name + '.ipynb')}\n  html     {folder / (name + '.html')}")
+    return 0
+
+
+def _fetch(args) -> int:
+    from saelib import assets
+    from saelib.lm import load_lm
+
+    for name, path in assets.fetch_all().items():
+        print(f"{name}: {path}")
+    load_lm("smollm2-135m")  # converts the GGUF weights once, so later loads are fast
+    print(f"cache: {assets.cache_dir()}")
+    return 0
+
+
+def _list(args) -> int:
+    from saelib.studies import STUDIES
+
+    for name, study in STUDIES.items():
+        print(f"{name}\t{study.notebook}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

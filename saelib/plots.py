@@ -1,0 +1,83 @@
+"""Figures shared by the study notebooks (seaborn on matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+HEATMAP_METRICS = {
+    "explained_variance": ("Explained variance", "viridis", "{:.3f}"),
+    "death_rate": ("Feature death rate", "rocket_r", "{:.1%}"),
+    "mean_activation": ("Mean activation (active latents)", "mako", "{:.2f}"),
+    "max_activation": ("Max activation", "mako", "{:.1f}"),
+    "mse": ("Reconstruction loss (MSE)", "rocket", "{:.4f}"),
+}
+
+
+def grid_heatmaps(summary: pd.DataFrame, metrics: list[str] | None = None) -> plt.Figure:
+    """One annotated heatmap per metric over K x latent_dim; cells show mean +- std over seeds."""
+    metrics = metrics or list(HEATMAP_METRICS)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for ax, metric in zip(np.atleast_1d(axes), metrics, strict=True):
+        title, cmap, fmt = HEATMAP_METRICS[metric]
+        means = summary.pivot(index="k", columns="latent_dim", values=f"{metric}_mean")
+        stds = summary.pivot(index="k", columns="latent_dim", values=f"{metric}_std").fillna(0)
+        labels = means.map(fmt.format) + "\n±" + stds.map(fmt.format)
+        sns.heatmap(
+            means, annot=labels, fmt="", cmap=cmap, ax=ax, cbar=False, annot_kws={"size": 8}
+        )
+        ax.set_title(title)
+        ax.set_xlabel("latent_dim")
+        ax.set_ylabel("K")
+    figure.tight_layout()
+    return figure
+
+
+def pareto_frontier(summary: pd.DataFrame, optimal: pd.Series) -> plt.Figure:
+    """EV against K per latent_dim (error bars: std over seeds); Pareto-optimal configs circled."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    palette = sns.color_palette("viridis", summary["latent_dim"].nunique())
+    for color, (latent_dim, rows) in zip(palette, summary.groupby("latent_dim"), strict=True):
+        rows = rows.sort_values("k")
+        ax.errorbar(
+            rows["k"], rows["explained_variance_mean"], yerr=rows["explained_variance_std"],
+            marker="o", capsize=3, color=color, label=f"latent_dim {latent_dim}",
+        )  # fmt: skip
+    best = summary[optimal.to_numpy()]
+    ax.scatter(
+        best["k"], best["explained_variance_mean"], s=160, facecolors="none",
+        edgecolors="crimson", linewidths=1.5, label="Pareto-optimal", zorder=3,
+    )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(summary["k"].unique()), labels=sorted(summary["k"].unique()))
+    ax.set_xlabel("K (active latents per token)")
+    ax.set_ylabel("explained variance (validation)")
+    ax.set_title("Quality vs sparsity")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def training_curves(histories: dict[str, list[dict]], metric: str = "mse") -> plt.Figure:
+    """``metric`` against step for each named run, on a log scale."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for name, history in histories.items():
+        ax.plot([row["step"] for row in history], [row[metric] for row in history], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    if len(histories) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> Path:
+    path = Path(folder) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path

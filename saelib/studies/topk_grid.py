@@ -1,0 +1,306 @@
+"""TopK quality-sparsity grid: K x latent_dim TopK SAEs trained from one pass over the data.
+
+Spec: ``studies/topk_grid.md`` (the report this reproduces). The notebook
+``notebooks/topk_grid.ipynb`` calls these functions and shows their results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saelib.activations import ActivationSet, HarvestConfig, harvest
+from saelib.losses import TopKLoss
+from saelib.metrics import evaluate, pareto_optimal
+from saelib.params import ParamsError
+from saelib.saes import TopKConfig, TopKSAE
+from saelib.train import SAESpec, TrainConfig, TrainResult, train_saes
+
+# The report: LLaMA-3.2-1B (16 blocks), activations after block 14 -> relative depth 14/16.
+REPORT_RELATIVE_DEPTH = 14 / 16
+
+REPORTED_EV = {  # (k, latent_dim) -> explained variance
+    (5, 512): 0.702, (5, 1024): 0.710, (5, 2048): 0.719,
+    (10, 512): 0.765, (10, 1024): 0.766, (10, 2048): 0.768,
+    (20, 512): 0.804, (20, 1024): 0.813, (20, 2048): 0.819,
+    (100, 512): 0.878, (100, 1024): 0.880, (100, 2048): 0.879,
+}  # fmt: skip
+REPORTED_DEATH_PERCENT = {
+    (5, 512): 85.5, (5, 1024): 90.9, (5, 2048): 95.2,
+    (10, 512): 72.3, (10, 1024): 84.0, (10, 2048): 87.6,
+    (20, 512): 54.5, (20, 1024): 65.1, (20, 2048): 73.5,
+    (100, 512): 0.0, (100, 1024): 1.7, (100, 2048): 7.8,
+}  # fmt: skip
+REPORTED_ACTIVATION = {5: (17.3, 49.5), 10: (10.5, 39.4), 20: (6.1, 25.7), 100: (1.8, 10.9)}
+
+
+@dataclass
+class TopKGridParams:
+    model: str = "smollm2-135m"
+    layer: int = 26  # round(14/16 * 30): the report's relative depth on SmolLM2-135M
+    dataset: str = "gsm8k"
+    positions: Literal["all", "last", "answer"] = "answer"
+    max_tokens: int = 7_473  # the report's 5,978 train + 1,495 validation vectors
+    context_length: int = 256
+    harvest_batch_size: int = 16
+    k_values: list[int] = field(default_factory=lambda: [5, 10, 20, 100])
+    latent_dims: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr: float = 1e-3
+    epochs: float = 25.0
+    batch_size: int = 256
+    val_fraction: float = 0.2
+    use_decoder_bias: bool = False  # the report's decoder has no bias
+    auxk_alpha: float = 0.0  # the report trains on MSE only; 1/32 enables AuxK
+    dead_after_tokens: int = 10_000_000
+    device: str = "auto"
+
+    def check(self, n_layers: int | None = None) -> None:
+        """Impossible values stop here, before any compute."""
+        for name in ("max_tokens", "context_length", "harvest_batch_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ParamsError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("k_values", "latent_dims", "seeds"):
+            if not getattr(self, name):
+                raise ParamsError(f"{name} must not be empty")
+        if min(self.k_values) < 1:
+            raise ParamsError(f"every k must be >= 1, got k_values={self.k_values}")
+        too_large = [(k, d) for k in self.k_values for d in self.latent_dims if k > d]
+        if too_large:
+            k, d = too_large[0]
+            raise ParamsError(f"k={k} is larger than latent_dim={d}: TopK needs k <= latent_dim")
+        if not 0 < self.val_fraction < 1:
+            raise ParamsError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ParamsError(f"epochs and lr must be positive, got {self.epochs}, {self.lr}")
+        if n_layers is None:
+            from saelib.lm import num_layers
+
+            n_layers = num_layers(self.model)
+        if not 0 <= self.layer < n_layers:
+            raise ParamsError(
+                f"layer {self.layer} is out of range for {self.model} (layers 0..{n_layers - 1})"
+            )
+
+    def harvest_config(self) -> HarvestConfig:
+        return HarvestConfig(
+            model=self.model,
+            layer=self.layer,
+            dataset=self.dataset,
+            positions=self.positions,
+            max_tokens=self.max_tokens,
+            context_length=self.context_length,
+            batch_size=self.harvest_batch_size,
+        )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            seed=0,
+            device=self.device,
+            dead_after_tokens=self.dead_after_tokens,
+            grad_clip_norm=None,  # the report clips nothing
+        )
+
+
+@dataclass
+class GridData:
+    activations: ActivationSet
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def load_data(params: TopKGridParams, progress: bool = True) -> GridData:
+    """Harvest (or read from the cache) and split by document into train and validation."""
+    activations = harvest(params.harvest_config(), progress=progress)
+    train_rows, val_rows = activations.split_by_document(params.val_fraction, seed=0)
+    return GridData(activations, activations.acts[train_rows], activations.acts[val_rows])
+
+
+def config_name(k: int, latent_dim: int, seed: int) -> str:
+    return f"k{k}_d{latent_dim}_s{seed}"
+
+
+def build_specs(params: TopKGridParams, d_in: int) -> list[SAESpec]:
+    specs = []
+    for k in params.k_values:
+        for latent_dim in params.latent_dims:
+            for seed in params.seeds:
+                config = TopKConfig(d_in, latent_dim, k, params.use_decoder_bias)
+                sae = TopKSAE(config, generator=torch.Generator().manual_seed(seed))
+                loss = TopKLoss(auxk_alpha=params.auxk_alpha)
+                specs.append(SAESpec(config_name(k, latent_dim, seed), sae, loss))
+    return specs
+
+
+def train_grid(
+    params: TopKGridParams, data: GridData, checkpoint_dir: Path | None, progress: bool = True
+) -> list[TrainResult]:
+    """Every (k, latent_dim, seed) SAE, trained together: each batch is read once for all."""
+    specs = build_specs(params, data.train.shape[1])
+    return train_saes(
+        specs, data.train, params.train_config(), checkpoint_dir=checkpoint_dir, progress=progress
+    )
+
+
+def evaluate_grid(results: list[TrainResult], data: GridData) -> pd.DataFrame:
+    """One row per trained SAE: its config, validation metrics and training time."""
+    rows = []
+    for result in results:
+        config = result.sae.config
+        metrics = evaluate(result.sae, data.val).to_dict()
+        rows.append(
+            {"k": config.k, "latent_dim": config.d_sae, "seed": _seed_of(result.name)}
+            | metrics
+            | {"train_seconds": result.seconds, "steps": result.steps}
+        )
+    return pd.DataFrame(rows)
+
+
+def _seed_of(name: str) -> int:
+    return int(name.rsplit("_s", 1)[1])
+
+
+METRIC_COLUMNS = [
+    "explained_variance",
+    "death_rate",
+    "mean_activation",
+    "max_activation",
+    "mse",
+    "cosine_similarity",
+    "l0",
+    "train_seconds",
+]
+
+
+def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per (k, latent_dim); columns like ``mse_mean``."""
+    grouped = per_seed.groupby(["k", "latent_dim"])[METRIC_COLUMNS]
+    summary = grouped.agg(["mean", "std"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary["n_seeds"] = per_seed.groupby(["k", "latent_dim"]).size()
+    return summary.reset_index()
+
+
+def with_reported(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with the report's EV and death rate beside ours (NaN where not reported)."""
+    keys = list(zip(summary["k"], summary["latent_dim"], strict=True))
+    table = summary.copy()
+    table["reported_ev"] = [REPORTED_EV.get(key, np.nan) for key in keys]
+    table["reported_death_rate"] = [REPORTED_DEATH_PERCENT.get(key, np.nan) / 100 for key in keys]
+    return table
+
+
+PARETO_AXES = {
+    # name -> [(column, maximize)]
+    "ev_vs_k": [("explained_variance_mean", True), ("k", False)],
+    "ev_vs_k_and_latent_dim": [
+        ("explained_variance_mean", True),
+        ("k", False),
+        ("latent_dim", False),
+    ],
+    "ev_vs_l0": [("explained_variance_mean", True), ("l0_mean", False)],
+}
+
+
+def pareto_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """For each choice of axes, whether each config is Pareto-optimal."""
+    table = summary[["k", "latent_dim", "explained_variance_mean", "l0_mean"]].copy()
+    for name, axes in PARETO_AXES.items():
+        points = summary[[column for column, _ in axes]].to_numpy()
+        table[f"pareto_{name}"] = pareto_optimal(points, [maximize for _, maximize in axes])
+    return table
+
+
+@dataclass
+class Claim:
+    number: int
+    statement: str
+    holds: bool
+    evidence: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_claims(summary: pd.DataFrame, pareto: pd.DataFrame) -> list[Claim]:
+    """The report's four claims, each judged on our seed means, with the numbers behind it."""
+    return [
+        _claim_all_pareto(pareto),
+        _claim_k_dominates(summary),
+        _claim_death_trends(summary),
+        _claim_activation_size(summary),
+    ]
+
+
+def _pivot(summary: pd.DataFrame, column: str) -> pd.DataFrame:
+    return summary.pivot(index="k", columns="latent_dim", values=column).sort_index()
+
+
+def _claim_all_pareto(pareto: pd.DataFrame) -> Claim:
+    counts = {
+        name: int(pareto[f"pareto_{name}"].sum()) for name in PARETO_AXES
+    }  # how many configs are optimal under each choice of axes
+    n = len(pareto)
+    holds = counts["ev_vs_k_and_latent_dim"] == n
+    evidence = "; ".join(
+        f"{count}/{n} Pareto-optimal on axes {name}" for name, count in counts.items()
+    )
+    return Claim(
+        1, "All configs are Pareto-optimal (axes: EV up, K down, latent_dim down)", holds, evidence
+    )
+
+
+def _claim_k_dominates(summary: pd.DataFrame) -> Claim:
+    ev = _pivot(summary, "explained_variance_mean")
+    dict_spread = ev.max(axis=1) - ev.min(axis=1)  # effect of dictionary size at each K
+    k_spread = ev.max(axis=0) - ev.min(axis=0)  # effect of K at each dictionary size
+    holds = bool((dict_spread < 0.02).all() and k_spread.min() > dict_spread.max())
+    evidence = (
+        f"EV spread across latent_dim per K: {_fmt(dict_spread)}; "
+        f"EV spread across K per latent_dim: {_fmt(k_spread)}"
+    )
+    return Claim(2, "K dominates quality; dictionary size adds < 2 EV points", holds, evidence)
+
+
+def _claim_death_trends(summary: pd.DataFrame) -> Claim:
+    death = _pivot(summary, "death_rate_mean")
+    rises_with_dim = _monotone_pairs(death.to_numpy(), axis=1, increasing=True)
+    falls_with_k = _monotone_pairs(death.to_numpy(), axis=0, increasing=False)
+    holds = rises_with_dim[0] == rises_with_dim[1] and falls_with_k[0] == falls_with_k[1]
+    evidence = (
+        f"death rate rises with latent_dim in {rises_with_dim[0]}/{rises_with_dim[1]} adjacent "
+        f"pairs and falls with K in {falls_with_k[0]}/{falls_with_k[1]}; "
+        f"death rate (%) by K x latent_dim: {(death * 100).round(1).to_dict('index')}"
+    )
+    return Claim(3, "Death rate rises with dictionary size and falls with K", holds, evidence)
+
+
+def _claim_activation_size(summary: pd.DataFrame) -> Claim:
+    by_k = summary.groupby("k")[["mean_activation_mean", "max_activation_mean"]].mean()
+    mean_falls = _monotone_pairs(by_k["mean_activation_mean"].to_numpy()[:, None], 0, False)
+    max_falls = _monotone_pairs(by_k["max_activation_mean"].to_numpy()[:, None], 0, False)
+    holds = mean_falls[0] == mean_falls[1] and max_falls[0] == max_falls[1]
+    evidence = "mean / max activation by K: " + ", ".join(
+        f"{k}: {row.mean_activation_mean:.3g} / {row.max_activation_mean:.3g}"
+        for k, row in by_k.iterrows()
+    )
+    return Claim(4, "Smaller K gives larger activations (mean and max)", holds, evidence)
+
+
+def _monotone_pairs(values: np.ndarray, axis: int, increasing: bool) -> tuple[int, int]:
+    """(adjacent pairs in the expected direction, all adjacent pairs) along ``axis``."""
+    steps = np.diff(values, axis=axis)
+    agreeing = steps > 0 if increasing else steps < 0
+    return int(agreeing.sum()), int(steps.size)
+
+
+def _fmt(series: pd.Series) -> str:
+    return ", ".join(f"{index}: {value:.3f}" for index, value in series.items())
