@@ -98,9 +98,11 @@ def cache_root() -> Path:
     return assets.cache_dir() / "activations"
 
 
-def harvest(config: HarvestConfig, progress: bool = True) -> ActivationSet:
-    """Return the activations for ``config``, from the cache when present."""
-    folder = cache_root() / config.cache_key()
+def harvest(
+    config: HarvestConfig, progress: bool = True, cache_dir: Path | None = None
+) -> ActivationSet:
+    """Return the activations for ``config``, from the cache (default :func:`cache_root`)."""
+    folder = (cache_dir or cache_root()) / config.cache_key()
     if (folder / "meta.json").exists():
         return _load(folder, config)
     return _harvest_to_cache(config, folder, progress)

@@ -1,0 +1,176 @@
+"""train_saes: ground-truth recovery, one pass for many SAEs, determinism, resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from saelib.losses import TopKLoss
+from saelib.saes import TopKConfig, TopKSAE, load_sae
+from saelib.train import NonFiniteLossError, SAESpec, TrainConfig, _lr_lambda, train_saes
+
+
+def small_config(**changes) -> TrainConfig:
+    """A short CPU run on ``toy_acts`` (1024 rows): 16 steps per epoch, AuxK active early."""
+    fields = {
+        "lr": 1e-2, "batch_size": 64, "epochs": 2, "device": "cpu",
+        "dead_after_tokens": 256, "log_every": 1,
+    }  # fmt: skip
+    return TrainConfig(**(fields | changes))
+
+
+def train(specs, acts, config, **kwargs):
+    return train_saes(specs, acts, config, progress=False, **kwargs)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), f"{name} differs"
+
+
+def test_recovers_ground_truth_directions():
+    """Toy model of superposition: 256 unit directions in 64 dims, 4 active per sample."""
+    generator = torch.Generator().manual_seed(0)
+    n, d, n_features, active = 20_000, 64, 256, 4
+    directions = F.normalize(torch.randn(n_features, d, generator=generator), dim=1)
+    chosen = torch.rand(n, n_features, generator=generator).argsort(dim=1)[:, :active]
+    coefficients = 0.5 + torch.rand(n, active, generator=generator)
+    acts = torch.zeros(n, n_features).scatter_(1, chosen, coefficients) @ directions
+
+    config = TopKConfig(d_in=d, d_sae=n_features, k=active, use_decoder_bias=False)
+    sae = TopKSAE(config, generator=torch.Generator().manual_seed(1))
+    train_config = TrainConfig(lr=3e-3, batch_size=256, epochs=10, device="cpu", log_every=100)
+    [result] = train([SAESpec("toy", sae)], acts, train_config)
+
+    cosine = directions @ F.normalize(sae.W_dec.detach(), dim=1).T
+    assert cosine.max(dim=1).values.mean() >= 0.9
+    assert result.history[-1]["mse"] < 0.05 * result.history[0]["mse"]
+
+
+def test_many_saes_in_one_pass_match_training_each_alone(make_sae, toy_acts):
+    def specs():
+        return [
+            SAESpec("a", make_sae(k=4, seed=0)),
+            SAESpec("b", make_sae(k=8, use_decoder_bias=False, seed=1), TopKLoss(auxk_alpha=0.5)),
+            SAESpec("c", make_sae(d_sae=32, k=2, seed=2), TopKLoss(auxk_alpha=0.0)),
+        ]
+
+    config = small_config(warmup_steps=3, lr_schedule="cosine")
+    together = train(specs(), toy_acts, config)
+    for index, spec in enumerate(specs()):
+        [alone] = train([spec], toy_acts, config)
+        assert alone.steps == together[index].steps == 32
+        assert alone.history == together[index].history
+        assert_same_weights(alone.sae, together[index].sae)
+
+
+def test_same_seeds_give_bitwise_identical_weights(make_sae, toy_acts):
+    first = train([SAESpec("a", make_sae())], toy_acts, small_config())[0].sae
+    second = train([SAESpec("a", make_sae())], toy_acts, small_config())[0].sae
+    assert_same_weights(first, second)
+
+    other_order = train([SAESpec("a", make_sae())], toy_acts, small_config(seed=1))[0].sae
+    assert not torch.equal(first.W_dec, other_order.W_dec)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(make_sae, toy_acts, tmp_path):
+    config = small_config(checkpoint_every=5, warmup_steps=4, lr_schedule="linear")
+    [reference] = train([SAESpec("sae", make_sae())], toy_acts, config, checkpoint_dir=tmp_path / "a")
+
+    def crash_at_step_12(step, results):
+        if step == 12:
+            raise Interrupt
+
+    folder = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        train([SAESpec("sae", make_sae())], toy_acts, config, folder, callbacks=[crash_at_step_12])
+    assert json.loads((folder / "sae" / "config.json").read_text())["trained_steps"] == 10
+
+    [resumed] = train([SAESpec("sae", make_sae())], toy_acts, config, folder, resume=True)
+    assert resumed.steps == reference.steps == 32
+    assert_same_weights(resumed.sae, reference.sae)
+    assert resumed.history == reference.history
+    assert sorted(path.name for path in folder.iterdir()) == ["sae"]  # no .tmp or .old left
+    assert_same_weights(load_sae(resumed.checkpoint), reference.sae)
+
+
+@dataclass
+class NaNAtStep:
+    """TopKLoss whose total turns NaN at one training step."""
+
+    step: int
+    inner: TopKLoss = field(default_factory=TopKLoss)
+
+    def __call__(self, sae, x, output, state):
+        terms = self.inner(sae, x, output, state)
+        if state.step == self.step:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(make_sae, toy_acts, tmp_path):
+    spec = SAESpec("nan-sae", make_sae(), NaNAtStep(step=12))
+    with pytest.raises(NonFiniteLossError, match="'nan-sae'.*step 12") as error:
+        train([spec], toy_acts, small_config(checkpoint_every=5), checkpoint_dir=tmp_path)
+    kept = tmp_path / "nan-sae"
+    assert str(kept) in str(error.value)
+    assert json.loads((kept / "config.json").read_text())["trained_steps"] == 10
+    saved = load_sae(kept)
+    assert all(torch.isfinite(tensor).all() for tensor in saved.state_dict().values())
+    assert torch.isfinite(spec.sae.W_dec).all()  # no update was made with the NaN gradient
+
+
+def test_spec_errors(make_sae, toy_acts):
+    config = small_config()
+    with pytest.raises(ValueError, match="d_in=8"):
+        train([SAESpec("narrow", make_sae(d_in=8))], toy_acts, config)
+    with pytest.raises(ValueError, match="unique"):
+        train([SAESpec("x", make_sae()), SAESpec("x", make_sae(seed=1))], toy_acts, config)
+    with pytest.raises(ValueError, match="at least one"):
+        train([], toy_acts, config)
+    with pytest.raises(ValueError, match="matrix"):
+        train([SAESpec("x", make_sae())], toy_acts[0], config)
+
+
+def test_total_steps():
+    assert TrainConfig(batch_size=64, epochs=2).total_steps(1000) == 32  # 16 batches per epoch
+    assert TrainConfig(batch_size=64, epochs=0.5).total_steps(1000) == 8
+    assert TrainConfig(batch_size=64, max_tokens=650).total_steps(10) == 11
+
+
+def test_lr_schedule_shapes():
+    total = 20
+    warmup = _lr_lambda(TrainConfig(warmup_steps=4), total)
+    assert [warmup(step) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup(total - 1) == 1.0
+
+    linear = _lr_lambda(TrainConfig(lr_schedule="linear", decay_start=0.5), total)
+    assert [linear(step) for step in (0, 10, 15, 19)] == pytest.approx([1.0, 1.0, 0.5, 0.1])
+
+    cosine = _lr_lambda(TrainConfig(lr_schedule="cosine", decay_start=0.5), total)
+    factors = [cosine(step) for step in range(total)]
+    assert factors[:11] == [1.0] * 11
+    assert factors[15] == pytest.approx(0.5)
+    assert factors[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert all(later < earlier for earlier, later in zip(factors[10:], factors[11:], strict=False))
+
+
+def test_history_logs_the_rate_each_step_used(make_sae, toy_acts):
+    config = small_config(lr=0.01, warmup_steps=4, lr_schedule="linear", decay_start=0.5)
+    [result] = train([SAESpec("a", make_sae())], toy_acts, config)
+    factor = _lr_lambda(config, 32)
+    assert [entry["step"] for entry in result.history] == list(range(32))
+    for entry in result.history:
+        assert entry["lr"] == pytest.approx(0.01 * factor(entry["step"]))
+    assert result.history[-1]["lr"] > 0  # the last step still updates the weights
