@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -21,8 +20,12 @@ HEATMAP_METRICS = {
 def grid_heatmaps(summary: pd.DataFrame, metrics: list[str] | None = None) -> plt.Figure:
     """One annotated heatmap per metric over K x latent_dim; cells show mean +- std over seeds."""
     metrics = metrics or list(HEATMAP_METRICS)
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
-    for ax, metric in zip(np.atleast_1d(axes), metrics, strict=True):
+    n_cols = min(3, len(metrics))
+    n_rows = -(-len(metrics) // n_cols)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.8 * n_rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         title, cmap, fmt = HEATMAP_METRICS[metric]
         means = summary.pivot(index="k", columns="latent_dim", values=f"{metric}_mean")
         stds = summary.pivot(index="k", columns="latent_dim", values=f"{metric}_std").fillna(0)

@@ -220,13 +220,14 @@ def _train_step(run: _Run, batch: Tensor, step: int, total: int, config, device,
             f"is not finite at step {step}; stopped before updating. Last good checkpoint: "
             f"{kept or 'none (pass checkpoint_dir to keep one)'}"
         )
+    lr = run.scheduler.get_last_lr()[0]  # the rate this update uses (logged below)
     run.optimizer.step()
     run.scheduler.step()
     sae.normalize_decoder()
     _update_firing(run, output, len(batch))
     run.step = step + 1
     if step % config.log_every == 0 or run.step == total:
-        run.history.append(_log_entry(run, terms, state, grad_norm))
+        run.history.append(_log_entry(lr, terms, state, grad_norm))
     run.seconds += time.perf_counter() - started
 
 
@@ -247,8 +248,8 @@ def _update_firing(run: _Run, output, batch_size: int) -> None:
     run.tokens_since_fired[fired] = 0
 
 
-def _log_entry(run: _Run, terms: dict, state: TrainState, grad_norm: Tensor) -> dict:
-    entry = {"step": state.step, "progress": state.progress, "lr": run.scheduler.get_last_lr()[0]}
+def _log_entry(lr: float, terms: dict, state: TrainState, grad_norm: Tensor) -> dict:
+    entry = {"step": state.step, "progress": state.progress, "lr": lr}
     entry |= {name: float(value.detach()) for name, value in terms.items()}
     entry["dead_fraction"] = float(state.dead.float().mean())
     entry["grad_norm"] = float(grad_norm)
