@@ -28,6 +28,7 @@ class _GatherPreacts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, W_enc, indices = ctx.saved_tensors
+        grad = grad.to(W_enc.dtype)  # bf16 under autocast; embedding_bag needs the weight's dtype
         grad_x = grad_W = grad_b = None
         flat_indices = indices.reshape(-1)
         if ctx.needs_input_grad[0]:
@@ -47,14 +48,12 @@ def _sparse_transpose_matmul(values: Tensor, indices: Tensor, x: Tensor, n_laten
     with a bag per latent (empty bags give zero rows). This beats both torch.sparse.mm and the
     sort inside embedding_bag's own weight backward by about 2x on CPU.
     """
-    k = indices.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat)
-    counts = torch.bincount(flat, minlength=n_latents)
+    sorted_latents, order = indices.reshape(-1).sort()
+    latents = torch.arange(n_latents, device=indices.device)
     return F.embedding_bag(
-        order // k,  # the batch row of each entry, grouped by latent
+        order // indices.shape[1],  # the batch row of each entry, grouped by latent
         x,
-        counts.cumsum(0) - counts,  # where each latent's bag starts
+        torch.searchsorted(sorted_latents, latents),  # where each latent's bag starts
         per_sample_weights=values.reshape(-1)[order].to(x.dtype),
         mode="sum",
     )
