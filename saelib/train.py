@@ -51,11 +51,16 @@ class TrainConfig:
 
 @dataclass
 class SAESpec:
-    """One SAE to train: a name (also its checkpoint folder), the model, and its loss."""
+    """One SAE to train: a name (also its checkpoint folder), the model, and its loss.
+
+    ``metadata`` is stored in the checkpoint's config.json; studies record there where the SAE
+    reads its input (``model``, ``layer``, ``dataset``), so evals can splice it back in.
+    """
 
     name: str
     sae: SAE
     loss: Loss = field(default_factory=TopKLoss)
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -265,7 +270,8 @@ def _save_checkpoint(run: _Run, folder: Path, config: TrainConfig) -> None:
     target = folder / run.spec.name
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    run.spec.sae.save(staging, extra={"trained_steps": run.step, "train_config": asdict(config)})
+    extra = run.spec.metadata | {"trained_steps": run.step, "train_config": asdict(config)}
+    run.spec.sae.save(staging, extra=extra)
     state = {
         "step": run.step,
         "optimizer": run.optimizer.state_dict(),

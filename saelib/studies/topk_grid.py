@@ -88,6 +88,10 @@ class TopKGridParams:
                 f"layer {self.layer} is out of range for {self.model} (layers 0..{n_layers - 1})"
             )
 
+    def sae_metadata(self) -> dict:
+        """Where the SAEs read their input; stored in every checkpoint."""
+        return {"model": self.model, "layer": self.layer, "dataset": self.dataset}
+
     def harvest_config(self) -> HarvestConfig:
         return HarvestConfig(
             model=self.model,
@@ -137,7 +141,8 @@ def build_specs(params: TopKGridParams, d_in: int) -> list[SAESpec]:
                 config = TopKConfig(d_in, latent_dim, k, params.use_decoder_bias)
                 sae = TopKSAE(config, generator=torch.Generator().manual_seed(seed))
                 loss = TopKLoss(auxk_alpha=params.auxk_alpha)
-                specs.append(SAESpec(config_name(k, latent_dim, seed), sae, loss))
+                name = config_name(k, latent_dim, seed)
+                specs.append(SAESpec(name, sae, loss, metadata=params.sae_metadata()))
     return specs
 
 
