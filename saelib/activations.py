@@ -167,6 +167,32 @@ def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> Ac
     return result
 
 
+def residuals_for_texts(
+    lm,
+    texts: list[str],
+    layer: int,
+    positions: Positions = "last",
+    context_length: int = 128,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Residual stream after ``layer`` for in-memory texts, uncached.
+
+    Returns the same columns as the cache: ``acts`` (n, d), ``doc_index`` (index into
+    ``texts``), ``position`` and ``token_id``. With positions="last" row i belongs to texts[i].
+    """
+    check_layer(layer, lm.n_layers, lm.name)
+    config = HarvestConfig(
+        model=lm.name, layer=layer, positions=positions, context_length=context_length
+    )
+    parts = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=f"residuals layer {layer}", disable=not progress):
+        batch = [Document(text) for text in texts[start : start + batch_size]]
+        parts.append(_forward_batch(lm, batch, start, config))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def check_layer(layer: int, n_layers: int, model: str) -> None:
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range for {model} (layers 0..{n_layers - 1})")

@@ -42,6 +42,7 @@ class SAE(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.metadata: dict = {}  # e.g. model, layer, dataset: where the SAE reads its input
 
     @property
     def d_in(self) -> int:
@@ -100,4 +101,5 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     fields = cls.config_class.__dataclass_fields__
     sae = cls(cls.config_class(**{key: stored[key] for key in fields if key in stored}))
     sae.load_state_dict(load_file(folder / "sae.safetensors"))
+    sae.metadata = {key: value for key, value in stored.items() if key not in fields}
     return sae.to(device)
