@@ -1,0 +1,238 @@
+"""Progressive sparsity-guided orthogonality penalty (spec: studies/progressive_orthogonality.md).
+
+    L_ortho = lambda2(p) * sum_ij c_ij(p) * |F_ij|,   F = f^T f / B   (activation penalty)
+    or        lambda2(p) * sum_ij c_ij(p) * |W_dec_i . W_dec_j|      (decoder-direction penalty)
+    n_ij = #(samples where i and j are both active) / #(samples where j is active)   (no grad)
+    c_ij = clamp((n_ij - tau(p)) / tau(p), 0, 1)                                     (no grad)
+
+Only pairs of latents that fire together in the batch can have n_ij > 0, and only those with
+c_ij > 0 contribute, so everything is computed on the co-active pairs of the batch (at most
+B * k^2 of them), never on d_sae x d_sae matrices. The EMA of n_ij (runs 4-7) is kept as a
+sparse tensor of the pairs seen so far, pruned below ``ema_floor``.
+
+Notes on the original formulation, kept as options:
+- ``include_diagonal=True`` (the original) makes n_jj = 1, so every active latent also pays a
+  penalty on its own activation energy F_jj; the default excludes the diagonal.
+- A falling tau *tightens* the constraint (more pairs exceed it); only lambda2 relaxes it.
+- With non-negative TopK activations the activation penalty acts on co-occurrence, not on
+  decoder geometry; ``penalty="decoder"`` penalises |cos| of decoder directions instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from saelib.losses import TopKLoss, TrainState
+from saelib.saes import SAE, SAEOutput
+
+TAU_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class OrthoSchedule:
+    """tau(p) and lambda2(p, warmup) of one run, and its EMA of n_ij."""
+
+    tau: Callable[[float], float]
+    weight: Callable[[float, float], float]  # (p, warmup factor) -> lambda2
+    ema_decay: float | None = None  # weight of the old value; None: no EMA
+    ema_start_step: int = 0
+    description: str = ""
+
+
+def _warmup_only(weight: Callable[[float], float]) -> Callable[[float, float], float]:
+    return lambda p, warmup: weight(p) * warmup
+
+
+SCHEDULES: dict[str, OrthoSchedule] = {
+    "run1": OrthoSchedule(
+        lambda p: 0.8 * (1 - p), lambda p, w: 0.1 * (1 - p) ** 2,
+        description="tau 0.8(1-p); lambda 0.1(1-p)^2",
+    ),
+    "run2": OrthoSchedule(
+        lambda p: 0.9 * (1 - p) ** 0.5, lambda p, w: 0.15 * math.exp(-3 * p),
+        description="tau 0.9(1-p)^0.5; lambda 0.15 exp(-3p)",
+    ),
+    "run3": OrthoSchedule(
+        lambda p: 0.9 * (1 - p**0.5), lambda p, w: 0.15 * (1 - p),
+        description="tau 0.9(1-p^0.5); lambda 0.15(1-p)",
+    ),
+    "run4": OrthoSchedule(
+        lambda p: 0.85 * (1 - p**1.5), _warmup_only(lambda p: 0.2 * (1 - p)), ema_decay=0.9,
+        description="tau 0.85(1-p^1.5); lambda 0.2(1-p) warmup; EMA 0.9",
+    ),
+    "run5": OrthoSchedule(
+        lambda p: 0.9 * (1 - p) ** 0.3, _warmup_only(lambda p: 0.25 * (1 - p)), ema_decay=0.95,
+        description="tau 0.9(1-p)^0.3; lambda 0.25(1-p) warmup; EMA 0.95",
+    ),
+    "run6": OrthoSchedule(
+        lambda p: 0.9 * 0.9**p, _warmup_only(lambda p: 0.4 * (1 - p)), ema_decay=0.95,
+        description="tau 0.9*0.9^p; lambda 0.4(1-p) warmup; EMA 0.95",
+    ),
+    "run7": OrthoSchedule(
+        lambda p: 0.9 * (1 - 2 * p) if p < 0.5 else 0.001,
+        _warmup_only(lambda p: 0.4 * 0.5 * (1 + math.cos(math.pi * p))),
+        ema_decay=0.98,
+        ema_start_step=100,
+        description="tau 0.9(1-2p) then 0.001; lambda 0.4 cosine warmup; EMA 0.98 after step 100",
+    ),
+}  # fmt: skip
+
+
+def static_schedule(tau: float, weight: float) -> OrthoSchedule:
+    """The control the original work never ran: constant tau and lambda2."""
+    return OrthoSchedule(lambda p: tau, lambda p, w: weight, description=f"static tau {tau}")
+
+
+@dataclass
+class OrthogonalityPenalty:
+    """Stateful (EMA) penalty; use one instance per SAE."""
+
+    schedule: OrthoSchedule
+    include_diagonal: bool = False
+    penalty: Literal["activation", "decoder"] = "activation"
+    warmup_fraction: float = 0.1  # warmup factor = min(1, step / (warmup_fraction * steps))
+    ema_floor: float = 1e-4  # EMA entries below this are dropped (tau is floored at 1e-3)
+    _ema: Tensor | None = field(default=None, repr=False)
+
+    def __call__(self, sae: SAE, output: SAEOutput, state: TrainState) -> Tensor:
+        p = state.progress
+        warmup = min(1.0, state.step / max(self.warmup_fraction * state.total_steps, 1.0))
+        weight = self.schedule.weight(p, warmup)
+        tau = max(self.schedule.tau(p), TAU_FLOOR)
+        pairs = coactive_pairs(output.acts, output.indices, sae.d_sae, self.include_diagonal)
+        ratio = self._smoothed(pairs, sae.d_sae, state.step)
+        coefficient = ((ratio - tau) / tau).clamp(0.0, 1.0)
+        chosen = coefficient > 0
+        if weight == 0.0 or not bool(chosen.any()):
+            return output.acts.new_zeros(())
+        magnitude = self._magnitudes(sae, output, pairs, chosen)
+        return weight * (coefficient[chosen] * magnitude).sum()
+
+    def _smoothed(self, pairs: CoactivePairs, d_sae: int, step: int) -> Tensor:
+        """n_ij at the batch's pairs, through the EMA when the schedule has one."""
+        decay = self.schedule.ema_decay
+        if decay is None or step < self.schedule.ema_start_step:
+            return pairs.ratio
+        batch = _sparse_vector(pairs.keys[None], pairs.ratio, d_sae * d_sae)
+        if self._ema is None:
+            self._ema = batch.coalesce()
+        else:
+            self._ema = (self._ema * decay + batch * (1 - decay)).coalesce()
+            keep = self._ema.values() >= self.ema_floor
+            self._ema = _sparse_vector(
+                self._ema.indices()[:, keep], self._ema.values()[keep], d_sae * d_sae
+            ).coalesce()
+        return _lookup(self._ema, pairs.keys)
+
+    def _magnitudes(self, sae, output, pairs: CoactivePairs, chosen: Tensor) -> Tensor:
+        first, second = pairs.first[chosen], pairs.second[chosen]
+        if self.penalty == "decoder":
+            return (sae.W_dec[first] * sae.W_dec[second]).sum(-1).abs()
+        return pairs.gram(output.acts, chosen).abs()
+
+
+@dataclass
+class CoactivePairs:
+    """Ordered pairs (i, j) of latents active together in a batch, with n_ij = C_ij / C_jj.
+
+    Counting is done once per unordered pair (slots a <= b of each row), which halves the sort
+    that dominates the cost; each unordered pair then yields the two ordered ones.
+    """
+
+    first: Tensor  # (P,) latent i
+    second: Tensor  # (P,) latent j
+    keys: Tensor  # (P,) i * d_sae + j
+    ratio: Tensor  # (P,) n_ij
+    unordered: Tensor  # (P,) index of the unordered pair {i, j}
+    slots: tuple[Tensor, Tensor]  # the (a, b) slot pairs within a row
+    entry_mask: Tensor  # (B, T) bool: slot pairs where both latents are active
+    entry_pair: Tensor  # (E,) unordered pair of each active entry
+    n_unordered: int
+    batch_size: int
+
+    def gram(self, acts: Tensor, chosen: Tensor) -> Tensor:
+        """F_ij = sum_b f_bi f_bj / B for the chosen ordered pairs, differentiable in ``acts``."""
+        a, b = self.slots
+        products = (acts[:, a] * acts[:, b])[self.entry_mask]
+        summed = products.new_zeros(self.n_unordered).index_add(0, self.entry_pair, products)
+        return summed[self.unordered[chosen]] / self.batch_size
+
+
+def coactive_pairs(acts: Tensor, indices: Tensor, d_sae: int, include_diagonal: bool):
+    """Co-activation statistics of a TopK batch (acts, indices: (B, k)) over its active pairs."""
+    k = indices.shape[1]
+    a, b = torch.triu_indices(k, k, offset=0 if include_diagonal else 1, device=indices.device)
+    with torch.no_grad():
+        active = acts > 0
+        both = active[:, a] & active[:, b]
+        low = torch.minimum(indices[:, a], indices[:, b])[both]
+        high = torch.maximum(indices[:, a], indices[:, b])[both]
+        unique_keys, entry_pair, together = torch.unique(
+            low * d_sae + high, return_inverse=True, return_counts=True
+        )
+        fires = torch.bincount(indices[active], minlength=d_sae).float()
+        low, high = unique_keys // d_sae, unique_keys % d_sae
+        pair_index = torch.arange(len(unique_keys), device=indices.device)
+        reverse = low != high  # a diagonal pair (include_diagonal) has one ordering only
+        first = torch.cat([low, high[reverse]])
+        second = torch.cat([high, low[reverse]])
+        counts = torch.cat([together, together[reverse]]).float()
+        ratio = counts / fires[second]
+    return CoactivePairs(
+        first, second, first * d_sae + second, ratio,
+        torch.cat([pair_index, pair_index[reverse]]), (a, b), both, entry_pair,
+        len(unique_keys), acts.shape[0],
+    )  # fmt: skip
+
+
+def _sparse_vector(keys: Tensor, values: Tensor, size: int) -> Tensor:
+    return torch.sparse_coo_tensor(keys, values, (size,), check_invariants=False)
+
+
+def _lookup(table: Tensor, keys: Tensor) -> Tensor:
+    """Values of a coalesced 1-D sparse tensor at ``keys`` (0 where absent)."""
+    stored = table.indices()[0]
+    values = table.values()
+    position = torch.searchsorted(stored, keys).clamp(max=max(len(stored) - 1, 0))
+    found = stored[position] == keys if len(stored) else torch.zeros_like(keys, dtype=torch.bool)
+    return torch.where(found, values[position], torch.zeros((), dtype=values.dtype))
+
+
+@dataclass
+class OrthogonalTopKLoss:
+    """TopK loss (MSE + AuxK) plus the orthogonality penalty."""
+
+    penalty: OrthogonalityPenalty
+    base: TopKLoss = field(default_factory=TopKLoss)
+
+    def __call__(self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState):
+        terms = self.base(sae, x, output, state)
+        ortho = self.penalty(sae, output, state)
+        terms["ortho"] = ortho
+        terms["total"] = terms["total"] + ortho
+        return terms
+
+
+def make_penalty(
+    schedule: str,
+    include_diagonal: bool = False,
+    penalty: Literal["activation", "decoder"] = "activation",
+    static_tau: float = 0.8,
+    static_weight: float = 0.1,
+) -> OrthogonalityPenalty | None:
+    """A penalty by schedule name: run1..run7, "static", or "none" (returns None)."""
+    if schedule == "none":
+        return None
+    if schedule == "static":
+        chosen = static_schedule(static_tau, static_weight)
+    elif schedule in SCHEDULES:
+        chosen = SCHEDULES[schedule]
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; known: none, static, {sorted(SCHEDULES)}")
+    return OrthogonalityPenalty(chosen, include_diagonal=include_diagonal, penalty=penalty)

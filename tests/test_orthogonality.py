@@ -1,0 +1,106 @@
+"""The sparse orthogonality penalty against a dense d_sae x d_sae reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelib.losses import TrainState
+from saelib.orthogonality import (
+    SCHEDULES,
+    OrthogonalityPenalty,
+    OrthoSchedule,
+    make_penalty,
+    static_schedule,
+)
+from saelib.saes.sparse_ops import dense_latents
+
+
+def dense_ratio(f: torch.Tensor) -> torch.Tensor:
+    """n_ij = #(i and j active) / #(j active), NaN (j never active) set to 0."""
+    active = (f > 0).float()
+    together = active.T @ active
+    return torch.nan_to_num(together / together.diagonal()[None, :], nan=0.0)
+
+
+def dense_penalty(f, ratio, tau, weight, include_diagonal, W_dec=None):
+    coefficient = ((ratio - tau) / tau).clamp(0, 1)
+    if not include_diagonal:
+        coefficient.fill_diagonal_(0)
+    magnitude = (f.T @ f / len(f)) if W_dec is None else (W_dec @ W_dec.T)
+    return weight * (coefficient * magnitude.abs()).sum()
+
+
+def state(step=50, total=100, d_sae=48):
+    return TrainState(step, total, torch.zeros(d_sae, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("include_diagonal", [False, True])
+@pytest.mark.parametrize("kind", ["activation", "decoder"])
+def test_penalty_and_gradient_match_dense_reference(make_sae, include_diagonal, kind):
+    sae = make_sae(d_in=16, d_sae=48, k=6)
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    penalty = OrthogonalityPenalty(
+        static_schedule(0.3, 0.7), include_diagonal=include_diagonal, penalty=kind
+    )
+    sparse_value = penalty(sae, sae(x), state())
+    sparse_value.backward()
+    parameters = (sae.W_enc, sae.b_enc, sae.W_dec)
+    sparse_grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in parameters]
+    sae.zero_grad()
+
+    output = sae(x)
+    f = dense_latents(output.acts, output.indices, sae.d_sae)
+    W_dec = sae.W_dec if kind == "decoder" else None
+    dense_value = dense_penalty(f, dense_ratio(f.detach()), 0.3, 0.7, include_diagonal, W_dec)
+    dense_value.backward()
+    assert sparse_value.item() > 0
+    torch.testing.assert_close(sparse_value, dense_value, rtol=1e-5, atol=1e-6)
+    for sparse_grad, param in zip(sparse_grads, parameters, strict=True):
+        dense_grad = torch.zeros_like(param) if param.grad is None else param.grad
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-6)
+    assert any(grad.abs().sum() > 0 for grad in sparse_grads)
+
+
+def test_ema_of_ratios_matches_dense_ema(make_sae):
+    sae = make_sae(d_in=16, d_sae=32, k=4)
+    schedule = SCHEDULES["run5"]  # EMA 0.95
+    penalty = OrthogonalityPenalty(schedule, ema_floor=0.0)
+    generator = torch.Generator().manual_seed(1)
+    ema = None
+    for step in range(5):
+        x = torch.randn(64, 16, generator=generator)
+        output = sae(x)
+        value = penalty(sae, output, state(step=20 + step, total=100, d_sae=32))
+        f = dense_latents(output.acts, output.indices, sae.d_sae).detach()
+        ratio = dense_ratio(f)
+        ratio.fill_diagonal_(0)
+        ema = ratio if ema is None else 0.95 * ema + 0.05 * ratio
+        p = (20 + step) / 100
+        expected = dense_penalty(
+            f, ema, schedule.tau(p), schedule.weight(p, 1.0), include_diagonal=False
+        )
+        torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_schedules_follow_the_spec():
+    assert SCHEDULES["run1"].tau(0.5) == pytest.approx(0.4)
+    assert SCHEDULES["run1"].weight(0.5, 1.0) == pytest.approx(0.025)
+    assert SCHEDULES["run6"].tau(1.0) == pytest.approx(0.81)
+    assert SCHEDULES["run7"].tau(0.75) == pytest.approx(0.001)
+    assert SCHEDULES["run7"].weight(0.0, 0.5) == pytest.approx(0.2)  # warmup halves it
+    assert SCHEDULES["run7"].ema_start_step == 100
+    assert make_penalty("none") is None
+    with pytest.raises(ValueError, match="unknown schedule 'run9'"):
+        make_penalty("run9")
+
+
+def test_warmup_scales_the_weight(make_sae):
+    sae = make_sae(d_in=16, d_sae=48, k=6)
+    x = torch.randn(100, 16, generator=torch.Generator().manual_seed(2))
+    schedule = OrthoSchedule(lambda p: 0.2, lambda p, warmup: 1.0 * warmup)
+    output = sae(x)
+    during = OrthogonalityPenalty(schedule)(sae, output, state(step=5, total=100)).item()
+    after = OrthogonalityPenalty(schedule)(sae, output, state(step=10, total=100)).item()
+    assert after > 0
+    assert during == pytest.approx(0.5 * after)  # warmup = step / (0.1 * total steps)
