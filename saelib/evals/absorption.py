@@ -513,6 +513,58 @@ def summarize(
 # the eval
 
 
+@dataclass
+class AbsorptionData:
+    """What the eval needs from the language model; shared by every SAE of the same layer."""
+
+    words_by_letter: dict[str, list[str]]
+    train: list[str]
+    test: list[str]
+    residuals: np.ndarray  # (len(train) + len(test), d_model)
+    layer: int
+    model: str
+
+
+def prepare_absorption(
+    lm, layer: int, config: AbsorptionConfig | None = None, progress: bool = True
+) -> AbsorptionData:
+    """Pick the words and read their residuals at ``layer`` (the only language-model work)."""
+    config = config or AbsorptionConfig()
+    config.validate()
+    if isinstance(lm, str):
+        from saelib.lm import load_lm
+
+        lm = load_lm(lm)
+    words_by_letter = first_letter_words(lm.tokenizer, config)
+    if len(words_by_letter) < 2:
+        raise ValueError(f"only {len(words_by_letter)} letter(s) have enough words")
+    train, test = split_words(words_by_letter, config.test_fraction, config.seed)
+    residuals = word_residuals(lm, layer, train + test, train, config, progress)
+    return AbsorptionData(words_by_letter, train, test, residuals, int(layer), lm.name)
+
+
+def absorption_from_data(
+    sae, data: AbsorptionData, config: AbsorptionConfig | None = None, progress: bool = True
+) -> AbsorptionOutput:
+    """The eval of one SAE on prepared residuals (no language-model forward pass)."""
+    config = config or AbsorptionConfig()
+    started = time.perf_counter()
+    n_train = len(data.train)
+    arrays = word_arrays(
+        sae, data.residuals[:n_train], [w[0] for w in data.train], data.residuals[n_train:],
+        [w[0] for w in data.test],
+    )  # fmt: skip
+    rows = evaluate_letters(arrays, sae.W_dec, list(data.words_by_letter), config, progress)
+    meta = {
+        "model": data.model,
+        "d_sae": int(sae.d_sae),
+        "n_train_words": n_train,
+        "n_test_words": len(data.test),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return summarize(rows, config, data.layer, meta)
+
+
 def run_absorption_eval(
     sae,
     lm,
@@ -521,31 +573,8 @@ def run_absorption_eval(
     progress: bool = True,
 ) -> AbsorptionOutput:
     """First-letter feature absorption of ``sae`` on ``lm`` (a LoadedLM or a model source)."""
-    config = config or AbsorptionConfig()
-    config.validate()
-    started = time.perf_counter()
-    if isinstance(lm, str):
-        from saelib.lm import load_lm
-
-        lm = load_lm(lm)
     layer = sae.metadata.get("layer") if layer is None else layer
     if layer is None:
         raise ValueError("pass layer=...: the SAE's metadata has no 'layer'")
-    words_by_letter = first_letter_words(lm.tokenizer, config)
-    if len(words_by_letter) < 2:
-        raise ValueError(f"only {len(words_by_letter)} letter(s) have enough words")
-    train, test = split_words(words_by_letter, config.test_fraction, config.seed)
-    residuals = word_residuals(lm, layer, train + test, train, config, progress)
-    arrays = word_arrays(
-        sae, residuals[: len(train)], [w[0] for w in train], residuals[len(train) :],
-        [w[0] for w in test],
-    )  # fmt: skip
-    rows = evaluate_letters(arrays, sae.W_dec, list(words_by_letter), config, progress)
-    meta = {
-        "model": lm.name,
-        "d_sae": int(sae.d_sae),
-        "n_train_words": len(train),
-        "n_test_words": len(test),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return summarize(rows, config, int(layer), meta)
+    data = prepare_absorption(lm, layer, config, progress)
+    return absorption_from_data(sae, data, config, progress)
