@@ -98,7 +98,7 @@ class OrthogonalityPenalty:
     penalty: Literal["activation", "decoder"] = "activation"
     warmup_fraction: float = 0.1  # warmup factor = min(1, step / (warmup_fraction * steps))
     ema_floor: float = 1e-4  # EMA entries below this are dropped (tau is floored at 1e-3)
-    _ema: Tensor | None = field(default=None, repr=False)
+    _ema: PairEMA | None = field(default=None, repr=False)
 
     def __call__(self, sae: SAE, output: SAEOutput, state: TrainState) -> Tensor:
         p = state.progress
@@ -119,16 +119,9 @@ class OrthogonalityPenalty:
         decay = self.schedule.ema_decay
         if decay is None or step < self.schedule.ema_start_step:
             return pairs.ratio
-        batch = _sparse_vector(pairs.keys[None], pairs.ratio, d_sae * d_sae)
         if self._ema is None:
-            self._ema = batch.coalesce()
-        else:
-            self._ema = (self._ema * decay + batch * (1 - decay)).coalesce()
-            keep = self._ema.values() >= self.ema_floor
-            self._ema = _sparse_vector(
-                self._ema.indices()[:, keep], self._ema.values()[keep], d_sae * d_sae
-            ).coalesce()
-        return _lookup(self._ema, pairs.keys)
+            self._ema = PairEMA(decay, self.ema_floor, pairs.keys.device)
+        return self._ema.update(pairs.keys, pairs.ratio, step)
 
     def _magnitudes(self, sae, output, pairs: CoactivePairs, chosen: Tensor) -> Tensor:
         first, second = pairs.first[chosen], pairs.second[chosen]
@@ -191,17 +184,64 @@ def coactive_pairs(acts: Tensor, indices: Tensor, d_sae: int, include_diagonal: 
     )  # fmt: skip
 
 
-def _sparse_vector(keys: Tensor, values: Tensor, size: int) -> Tensor:
-    return torch.sparse_coo_tensor(keys, values, (size,), check_invariants=False)
+class PairEMA:
+    """Exponential moving average of n_ij over the pairs seen so far, stored sparsely.
 
+    A pair absent from a batch counts as n_ij = 0 there, so its value just decays; the decay
+    is applied lazily (value * decay^(steps since its last update)) when the pair comes back.
+    Keys stay sorted; new pairs are merged in, and pairs decayed below ``floor`` are dropped
+    every ``prune_every`` steps. Exact up to the pruned values.
+    """
 
-def _lookup(table: Tensor, keys: Tensor) -> Tensor:
-    """Values of a coalesced 1-D sparse tensor at ``keys`` (0 where absent)."""
-    stored = table.indices()[0]
-    values = table.values()
-    position = torch.searchsorted(stored, keys).clamp(max=max(len(stored) - 1, 0))
-    found = stored[position] == keys if len(stored) else torch.zeros_like(keys, dtype=torch.bool)
-    return torch.where(found, values[position], torch.zeros((), dtype=values.dtype))
+    def __init__(self, decay: float, floor: float, device: torch.device, prune_every: int = 25):
+        self.decay, self.floor, self.prune_every = decay, floor, prune_every
+        self.keys = torch.empty(0, dtype=torch.long, device=device)
+        self.values = torch.empty(0, device=device)
+        self.stamps = torch.empty(0, dtype=torch.long, device=device)
+
+    def update(self, keys: Tensor, ratio: Tensor, step: int) -> Tensor:
+        """Fold this step's n_ij (at ``keys``) in; return the averages at ``keys``."""
+        position = torch.searchsorted(self.keys, keys).clamp(max=max(len(self.keys) - 1, 0))
+        found = (
+            (self.keys[position] == keys)
+            if len(self.keys)
+            else torch.zeros_like(keys, dtype=torch.bool)
+        )
+        decayed = torch.zeros_like(ratio)  # decay * (the average after the previous step)
+        if bool(found.any()):
+            at = position[found]
+            decayed[found] = self.values[at] * self.decay ** (step - self.stamps[at]).float()
+        smoothed = decayed + (1 - self.decay) * ratio
+        if bool(found.any()):
+            at = position[found]
+            self.values[at], self.stamps[at] = smoothed[found], step
+        self._insert(keys[~found], smoothed[~found], step)
+        if step % self.prune_every == 0:
+            self._prune(step)
+        return smoothed
+
+    def _insert(self, keys: Tensor, values: Tensor, step: int) -> None:
+        if not len(keys):
+            return
+        order = keys.argsort()
+        keys, values = keys[order], values[order]
+        # merged position of each new key: its rank among old keys plus its rank among new ones
+        new_at = torch.searchsorted(self.keys, keys) + torch.arange(len(keys), device=keys.device)
+        size = len(self.keys) + len(keys)
+        is_new = torch.zeros(size, dtype=torch.bool, device=keys.device)
+        is_new[new_at] = True
+        merged_keys = torch.empty(size, dtype=torch.long, device=keys.device)
+        merged_values = torch.empty(size, device=keys.device)
+        merged_stamps = torch.empty(size, dtype=torch.long, device=keys.device)
+        merged_keys[new_at], merged_keys[~is_new] = keys, self.keys
+        merged_values[new_at], merged_values[~is_new] = values, self.values
+        merged_stamps[new_at], merged_stamps[~is_new] = step, self.stamps
+        self.keys, self.values, self.stamps = merged_keys, merged_values, merged_stamps
+
+    def _prune(self, step: int) -> None:
+        current = self.values * self.decay ** (step - self.stamps).float()
+        keep = current >= self.floor
+        self.keys, self.values, self.stamps = self.keys[keep], self.values[keep], self.stamps[keep]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from saelib.orthogonality import (
     SCHEDULES,
     OrthogonalityPenalty,
     OrthoSchedule,
+    PairEMA,
     make_penalty,
     static_schedule,
 )
@@ -104,3 +105,14 @@ def test_warmup_scales_the_weight(make_sae):
     after = OrthogonalityPenalty(schedule)(sae, output, state(step=10, total=100)).item()
     assert after > 0
     assert during == pytest.approx(0.5 * after)  # warmup = step / (0.1 * total steps)
+
+
+def test_pair_ema_with_lazy_decay_matches_a_dense_ema():
+    generator = torch.Generator().manual_seed(3)
+    ema, dense = PairEMA(decay=0.9, floor=0.0, device=torch.device("cpu")), torch.zeros(50)
+    for step in range(40):
+        keys = torch.randperm(50, generator=generator)[:12]  # pairs present at this step
+        ratio = torch.rand(12, generator=generator)
+        observed = torch.zeros(50).index_copy_(0, keys, ratio)
+        dense = 0.9 * dense + 0.1 * observed  # absent pairs count as 0
+        torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
