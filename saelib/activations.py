@@ -40,6 +40,9 @@ class HarvestConfig:
     positions: Positions = "all"
     max_tokens: int = 16_384  # how many activation vectors to keep
     context_length: int = 256  # documents are truncated to this many tokens
+    # the first token of a document is an attention sink (in SmolLM2 its residual norm is ~100x
+    # the others'), which would dominate an SAE's loss: leave it out, as others leave out BOS
+    skip_first_token: bool = True
     batch_size: int = 16  # documents per forward pass
     shard_size: int = 65_536  # vectors per safetensors shard
 
@@ -55,6 +58,7 @@ class HarvestConfig:
             "positions": self.positions,
             "max_tokens": self.max_tokens,
             "context_length": self.context_length,
+            "skip_first_token": self.skip_first_token,
         }
         text = json.dumps(determining, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -175,6 +179,7 @@ def residuals_for_texts(
     context_length: int = 128,
     batch_size: int = 32,
     progress: bool = False,
+    skip_first_token: bool = False,
 ) -> dict[str, Tensor]:
     """Residual stream after ``layer`` for in-memory texts, uncached.
 
@@ -183,7 +188,11 @@ def residuals_for_texts(
     """
     check_layer(layer, lm.n_layers, lm.name)
     config = HarvestConfig(
-        model=lm.name, layer=layer, positions=positions, context_length=context_length
+        model=lm.name,
+        layer=layer,
+        positions=positions,
+        context_length=context_length,
+        skip_first_token=skip_first_token,
     )
     parts = []
     starts = range(0, len(texts), batch_size)
@@ -211,6 +220,8 @@ def _forward_batch(lm, batch: list[Document], first_index: int, config: HarvestC
         return_special_tokens_mask=True,
     )
     keep = _position_mask(encoded, batch, config.positions)
+    if config.skip_first_token:
+        keep[:, 0] = False
     with lm.model.trace(
         input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
     ) as tracer:

@@ -79,6 +79,45 @@ def training_curves(histories: dict[str, list[dict]], metric: str = "mse") -> pl
     return figure
 
 
+def metric_bars(summary: pd.DataFrame, metrics: dict[str, str]) -> plt.Figure:
+    """One bar chart per metric: mean over seeds per run, error bars one std.
+
+    ``summary`` is indexed by run with ``<metric>_mean`` / ``<metric>_std`` columns; ``metrics``
+    maps each metric to its axis label.
+    """
+    n_cols = min(3, len(metrics))
+    n_rows = -(-len(metrics) // n_cols)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    colors = ["0.55" if run in ("baseline", "static") else "C0" for run in summary.index]
+    for ax, (metric, label) in zip(axes.flat, metrics.items(), strict=False):
+        ax.bar(summary.index, summary[f"{metric}_mean"], yerr=summary[f"{metric}_std"].fillna(0),
+               color=colors, capsize=3)  # fmt: skip
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        low = (summary[f"{metric}_mean"] - summary[f"{metric}_std"].fillna(0)).min()
+        high = (summary[f"{metric}_mean"] + summary[f"{metric}_std"].fillna(0)).max()
+        margin = 0.15 * (high - low) if high > low else 0.05 * abs(high) + 1e-6
+        ax.set_ylim(low - margin, high + margin)
+    figure.tight_layout()
+    return figure
+
+
+def over_training(table: pd.DataFrame, columns: dict[str, str]) -> plt.Figure:
+    """Per-run mean (over seeds) of each column against training progress."""
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.6), squeeze=False)
+    for ax, (column, label) in zip(axes.flat, columns.items(), strict=True):
+        sns.lineplot(data=table, x="progress", y=column, hue="run", marker="o", ax=ax,
+                     errorbar="sd", legend=ax is axes.flat[-1])  # fmt: skip
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("training progress p")
+    if axes.flat[-1].get_legend() is not None:
+        sns.move_legend(axes.flat[-1], "upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> Path:
     path = Path(folder) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class CoreEvalConfig:
     context_length: int = 128  # texts are truncated to this many tokens
     batch_size: int = 8  # texts per forward pass
     histogram_bins: int = 50
+    # the first token is an attention sink (in SmolLM2 its residual norm is ~100x the others'):
+    # leave it unpatched and out of the reconstruction metrics, as SAEBench does with BOS
+    skip_first_token: bool = True
     progress: bool = True
 
 
@@ -83,7 +86,8 @@ class CoreEvalOutput:
     ce_loss_with_ablation: float
     kl_div_with_sae: float
     kl_div_with_ablation: float
-    n_tokens: int  # real tokens: where the SAE was spliced in and KL was averaged
+    n_tokens: int  # tokens where the SAE was spliced in (real tokens, maybe not the first)
+    n_kl_tokens: int  # real tokens: where KL was averaged
     n_ce_tokens: int  # positions whose next token is real: where CE was averaged
     layer: int
     density: DensityHistogram
@@ -124,7 +128,7 @@ def run_core_eval_many(
     for input_ids, mask in tqdm(
         batches, desc=f"core eval layer {layer}", disable=not config.progress
     ):
-        _eval_batch(saes, lm, layer, input_ids, mask, totals)
+        _eval_batch(saes, lm, layer, input_ids, mask, totals, config.skip_first_token)
     return {
         name: totals[name].output(
             evaluate(sae, torch.cat(totals[name].inputs)), layer, config, sae.metadata
@@ -179,25 +183,35 @@ def _batches(lm, texts: list[str], config: CoreEvalConfig) -> Iterator[tuple[Ten
 
 @torch.no_grad()
 def _eval_batch(
-    saes: dict[str, SAE], lm, layer: int, input_ids: Tensor, mask: Tensor, totals: dict
+    saes: dict[str, SAE],
+    lm,
+    layer: int,
+    input_ids: Tensor,
+    mask: Tensor,
+    totals: dict,
+    skip_first_token: bool,
 ) -> None:
     block_output, clean_logits = _clean_pass(lm, layer, input_ids, mask)
     hidden = block_output[0] if isinstance(block_output, tuple) else block_output
-    x = hidden[mask].float()
-    ablated_logits = _spliced_logits(lm, layer, input_ids, mask, block_output, torch.zeros_like(x))
+    spliced = mask.clone()
+    if skip_first_token:
+        spliced[:, 0] = False
+    x = hidden[spliced].float()
+    zeros = torch.zeros_like(x)
+    ablated_logits = _spliced_logits(lm, layer, input_ids, mask, spliced, block_output, zeros)
     for name, sae in saes.items():
         output = sae(x)
         recon = output.recon.float()
         totals[name].add_latents(x, recon, output.acts.float(), output.indices)
-        sae_logits = _spliced_logits(lm, layer, input_ids, mask, block_output, recon)
+        sae_logits = _spliced_logits(lm, layer, input_ids, mask, spliced, block_output, recon)
         totals[name].add_logits(clean_logits, sae_logits, ablated_logits, input_ids, mask)
 
 
-def _spliced_logits(lm, layer, input_ids, mask, block_output, values: Tensor) -> Tensor:
-    """Logits with the residual after ``layer`` replaced by ``values`` at the real tokens."""
+def _spliced_logits(lm, layer, input_ids, mask, spliced, block_output, values: Tensor) -> Tensor:
+    """Logits with the residual after ``layer`` replaced by ``values`` where ``spliced``."""
     hidden = block_output[0] if isinstance(block_output, tuple) else block_output
     residual = hidden.clone()
-    residual[mask] = values.to(hidden.dtype)
+    residual[spliced] = values.to(hidden.dtype)
     # blocks that return tuples (older transformers) are replaced by a tuple too; the next
     # block reads only its first element
     replacement = (residual,) if isinstance(block_output, tuple) else residual
@@ -234,7 +248,7 @@ class _Totals:
         self.l1_sum = self.shrinkage_sum = 0.0
         self.kl = {"sae": 0.0, "ablation": 0.0}
         self.ce = {"clean": 0.0, "sae": 0.0, "ablation": 0.0}
-        self.n_tokens = self.n_ce_tokens = 0
+        self.n_tokens = self.n_kl_tokens = self.n_ce_tokens = 0
 
     def add_latents(self, x: Tensor, recon: Tensor, acts: Tensor, indices: Tensor) -> None:
         self.inputs.append(x.cpu())
@@ -262,6 +276,7 @@ class _Totals:
             kl = torch.linalg.vecdot(clean_probs, log_probs["clean"] - log_probs[name])
             self.kl[name] += float(kl.double().sum())
         self.n_ce_tokens += int(has_target.sum())
+        self.n_kl_tokens += int(mask.sum())
 
     def output(
         self,
@@ -270,7 +285,7 @@ class _Totals:
         config: CoreEvalConfig,
         metadata: dict,
     ) -> CoreEvalOutput:
-        kl = {name: value / self.n_tokens for name, value in self.kl.items()}
+        kl = {name: value / self.n_kl_tokens for name, value in self.kl.items()}
         ce = {name: value / max(self.n_ce_tokens, 1) for name, value in self.ce.items()}
         dead = int((self.fire_counts == 0).sum())
         return CoreEvalOutput(
@@ -290,6 +305,7 @@ class _Totals:
             kl_div_with_sae=kl["sae"],
             kl_div_with_ablation=kl["ablation"],
             n_tokens=self.n_tokens,
+            n_kl_tokens=self.n_kl_tokens,
             n_ce_tokens=self.n_ce_tokens,
             layer=layer,
             density=density_histogram(self.fire_counts, self.n_tokens, config.histogram_bins),

@@ -113,8 +113,8 @@ def hand_losses(lm, sae: TopKSAE) -> dict[str, float]:
         ids = ids["input_ids"]
         logits = {
             "clean": _logits(lm, ids),
-            "sae": _logits(lm, ids, block, lambda h: sae(h[0]).recon[None]),
-            "ablation": _logits(lm, ids, block, torch.zeros_like),
+            "sae": _logits(lm, ids, block, lambda h: after_first(h, sae(h[0, 1:]).recon)),
+            "ablation": _logits(lm, ids, block, lambda h: after_first(h, 0 * h[0, 1:])),
         }
         clean_probs = logits["clean"].softmax(-1)
         for name, values in logits.items():
@@ -128,7 +128,12 @@ def hand_losses(lm, sae: TopKSAE) -> dict[str, float]:
         key: value / (n_tokens if key.startswith("kl") else n_ce_tokens)
         for key, value in sums.items()
     }
-    return {**means, "n_tokens": n_tokens, "n_ce_tokens": n_ce_tokens}
+    return {**means, "n_kl_tokens": n_tokens, "n_ce_tokens": n_ce_tokens}
+
+
+def after_first(hidden: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (1, seq, d) with every position but the first replaced by ``values``."""
+    return torch.cat([hidden[:, :1], values[None]], dim=1)
 
 
 @torch.no_grad()
@@ -152,7 +157,8 @@ def _logits(lm, ids, block=None, replace=None) -> torch.Tensor:
 def test_kl_and_ce_match_a_hand_computation(lm, random_result):
     sae, result = random_result
     hand = hand_losses(lm, sae)
-    assert (result.n_tokens, result.n_ce_tokens) == (hand["n_tokens"], hand["n_ce_tokens"])
+    assert (result.n_kl_tokens, result.n_ce_tokens) == (hand["n_kl_tokens"], hand["n_ce_tokens"])
+    assert result.n_tokens == hand["n_kl_tokens"] - len(TEXTS)  # the first tokens stay clean
     assert result.ce_loss_clean == pytest.approx(hand["ce_clean"], rel=1e-4)
     assert result.ce_loss_with_sae == pytest.approx(hand["ce_sae"], rel=1e-4)
     assert result.ce_loss_with_ablation == pytest.approx(hand["ce_ablation"], rel=1e-4)
@@ -171,7 +177,7 @@ def residuals(lm) -> torch.Tensor:
         ids = lm.tokenizer(text, truncation=True, max_length=CONTEXT, return_tensors="pt")
         with torch.no_grad():
             out = lm.hf_model(input_ids=ids["input_ids"], output_hidden_states=True)
-        rows.append(out.hidden_states[LAYER + 1][0])  # [0] is the embedding output
+        rows.append(out.hidden_states[LAYER + 1][0, 1:])  # [0]: embeddings; the first token stays
     return torch.cat(rows).float()
 
 
