@@ -69,3 +69,25 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
         assert all(not cell.outputs for cell in code_cells), study.notebook
         tagged = [cell for cell in code_cells if "parameters" in cell.metadata.get("tags", [])]
         assert len(tagged) == 1, study.notebook
+
+
+def test_progressive_orthogonality_smoke_run(tmp_path):
+    study = STUDIES["progressive_orthogonality"]
+    run_dir = run_study(study.name, study.smoke_params, outputs=tmp_path, progress=False)
+    expected = [
+        "progressive_orthogonality.html", "ortho_metrics.json", "feature_separation.json",
+        "figures/results.png", "figures/separation_over_training.png", "evals/run1_s0.core.json",
+        "evals/run1_s0.absorption.json", "evals/run1_s0.sparse_probing.json",
+        "checkpoints/static_s1/sae.safetensors",
+    ]  # fmt: skip
+    for name in expected:
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "ortho_metrics.json").read_text())
+    assert {row["run"] for row in metrics["per_seed"]} == {"baseline", "static", "run1", "run5"}
+    for row in metrics["per_seed"]:
+        for key in ("explained_variance", "kl_div_score", "ce_loss_score", "probe_top1"):
+            assert math.isfinite(row[key]), (key, row)
+    assert len(metrics["claim"]) == 3
+    separation = json.loads((run_dir / "feature_separation.json").read_text())
+    progress_points = [snap["progress"] for snap in separation["snapshots"]["run1_s0"]]
+    assert progress_points == [0.25, 0.5, 0.75, 1.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from saelib.studies.progressive_orthogonality import ProgressiveOrthoParams
 from saelib.studies.topk_grid import TopKGridParams
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -30,4 +31,5 @@ class Study:
 
 STUDIES: dict[str, Study] = {
     "topk_grid": Study("topk_grid", TopKGridParams),
+    "progressive_orthogonality": Study("progressive_orthogonality", ProgressiveOrthoParams),
 }
