@@ -97,3 +97,29 @@ def _type_error(name: str, value: Any, hint: Any, source: str) -> ParamsError:
     return ParamsError(
         f"{source}: {name}={value!r} has type {type(value).__name__}, expected {expected}"
     )
+
+
+def require_positive(params: Any, *names: str) -> None:
+    for name in names:
+        if getattr(params, name) <= 0:
+            raise ParamsError(f"{name} must be positive, got {getattr(params, name)}")
+
+
+def require_non_empty(params: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(params, name):
+            raise ParamsError(f"{name} must not be empty")
+
+
+def require_fraction(params: Any, name: str) -> None:
+    if not 0 < getattr(params, name) < 1:
+        raise ParamsError(f"{name} must lie in (0, 1), got {getattr(params, name)}")
+
+
+def require_layer_in_model(model: str, layer: int) -> None:
+    """The model's config is read (no weights are loaded) to check the layer index."""
+    from saelib.lm import num_layers
+
+    n_layers = num_layers(model)
+    if not 0 <= layer < n_layers:
+        raise ParamsError(f"layer {layer} is out of range for {model} (layers 0..{n_layers - 1})")

@@ -52,3 +52,21 @@ def test_cli_reports_a_bad_param_without_running(tmp_path, capsys):
 def test_cli_rejects_an_unknown_study(capsys):
     assert main(["run", "no_such_study"]) == 2
     assert "unknown study 'no_such_study'" in capsys.readouterr().err
+
+
+ORTHO = STUDIES["progressive_orthogonality"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"runs": ["baseline", "run8"]}, r"unknown run\(s\) \['run8'\]"),
+        ({"k": 100, "d_sae": 64}, "k=100 must lie in 1..d_sae=64"),
+        ({"penalty": "weights"}, "penalty='weights' is not one of"),
+        ({"static_tau": 0}, "static_tau must be positive"),
+        ({"layer": -1}, r"layer -1 is out of range"),
+    ],
+)
+def test_bad_orthogonality_params_stop_with_a_named_error(override, message):
+    with pytest.raises(ParamsError, match=message):
+        resolve_params(ORTHO, ORTHO.smoke_params, override)

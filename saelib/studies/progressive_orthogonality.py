@@ -16,7 +16,13 @@ import torch
 from saelib.activations import HarvestConfig
 from saelib.losses import TopKLoss
 from saelib.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
-from saelib.params import ParamsError
+from saelib.params import (
+    ParamsError,
+    require_fraction,
+    require_layer_in_model,
+    require_non_empty,
+    require_positive,
+)
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.train import SAESpec, TrainConfig
 
@@ -67,32 +73,18 @@ class ProgressiveOrthoParams:
     probing_test_per_class: int = 20
     device: str = "auto"
 
-    def check(self, n_layers: int | None = None) -> None:
+    def check(self) -> None:
+        """Impossible values stop here, before any compute."""
         unknown = sorted(set(self.runs) - set(RUN_NAMES))
         if unknown:
             raise ParamsError(f"unknown run(s) {unknown}; known: {RUN_NAMES}")
-        if not self.runs or not self.seeds:
-            raise ParamsError("runs and seeds must not be empty")
+        require_non_empty(self, "runs", "seeds")
         if not 1 <= self.k <= self.d_sae:
             raise ParamsError(f"k={self.k} must lie in 1..d_sae={self.d_sae}")
-        positive = ("max_tokens", "context_length", "harvest_batch_size", "batch_size", "d_sae")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ParamsError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise ParamsError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
-        if self.epochs <= 0 or self.lr <= 0:
-            raise ParamsError(f"epochs and lr must be positive, got {self.epochs}, {self.lr}")
-        if self.static_tau <= 0:
-            raise ParamsError(f"static_tau must be positive, got {self.static_tau}")
-        if n_layers is None:
-            from saelib.lm import num_layers
-
-            n_layers = num_layers(self.model)
-        if not 0 <= self.layer < n_layers:
-            raise ParamsError(
-                f"layer {self.layer} is out of range for {self.model} (layers 0..{n_layers - 1})"
-            )
+        require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
+        require_positive(self, "d_sae", "epochs", "lr", "static_tau")
+        require_fraction(self, "val_fraction")
+        require_layer_in_model(self.model, self.layer)
 
     def harvest_config(self) -> HarvestConfig:
         return HarvestConfig(

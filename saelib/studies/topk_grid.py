@@ -18,7 +18,13 @@ import torch
 from saelib.activations import ActivationSet, HarvestConfig, harvest
 from saelib.losses import TopKLoss
 from saelib.metrics import evaluate, pareto_optimal
-from saelib.params import ParamsError
+from saelib.params import (
+    ParamsError,
+    require_fraction,
+    require_layer_in_model,
+    require_non_empty,
+    require_positive,
+)
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.train import SAESpec, TrainConfig, TrainResult, train_saes
 
@@ -61,32 +67,19 @@ class TopKGridParams:
     dead_after_tokens: int = 10_000_000
     device: str = "auto"
 
-    def check(self, n_layers: int | None = None) -> None:
+    def check(self) -> None:
         """Impossible values stop here, before any compute."""
-        for name in ("max_tokens", "context_length", "harvest_batch_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ParamsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("k_values", "latent_dims", "seeds"):
-            if not getattr(self, name):
-                raise ParamsError(f"{name} must not be empty")
+        require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
+        require_positive(self, "epochs", "lr")
+        require_non_empty(self, "k_values", "latent_dims", "seeds")
         if min(self.k_values) < 1:
             raise ParamsError(f"every k must be >= 1, got k_values={self.k_values}")
         too_large = [(k, d) for k in self.k_values for d in self.latent_dims if k > d]
         if too_large:
             k, d = too_large[0]
             raise ParamsError(f"k={k} is larger than latent_dim={d}: TopK needs k <= latent_dim")
-        if not 0 < self.val_fraction < 1:
-            raise ParamsError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
-        if self.epochs <= 0 or self.lr <= 0:
-            raise ParamsError(f"epochs and lr must be positive, got {self.epochs}, {self.lr}")
-        if n_layers is None:
-            from saelib.lm import num_layers
-
-            n_layers = num_layers(self.model)
-        if not 0 <= self.layer < n_layers:
-            raise ParamsError(
-                f"layer {self.layer} is out of range for {self.model} (layers 0..{n_layers - 1})"
-            )
+        require_fraction(self, "val_fraction")
+        require_layer_in_model(self.model, self.layer)
 
     def sae_metadata(self) -> dict:
         """Where the SAEs read their input; stored in every checkpoint."""
