@@ -1,9 +1,10 @@
-"""Command line: ``python -m saelib {run,fetch,list}``."""
+"""Command line: ``python -m saelib {run,fetch,list,report}``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from saelib.params import ParamsError, parse_override
 
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list the studies")
     listing.set_defaults(handler=_list)
+
+    report = commands.add_parser("report", help="write an HTML index of the runs in outputs/")
+    report.add_argument("--outputs", help="the outputs folder (default: the project's outputs/)")
+    report.add_argument("--out", help="the index page (default: <outputs>/index.html)")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -73,6 +79,20 @@ def _list(args) -> int:
 
     for name, study in STUDIES.items():
         print(f"{name}\t{study.notebook}")
+    return 0
+
+
+def _report(args) -> int:
+    from saelib.report import build_index
+
+    if args.outputs:
+        outputs = Path(args.outputs)
+    else:
+        from saelib.runner import outputs_root
+
+        outputs = outputs_root()
+    index = build_index(outputs, Path(args.out) if args.out else None)
+    print(f"index: {index}")
     return 0
 
 

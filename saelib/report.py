@@ -1,0 +1,430 @@
+"""An index page of every study run in ``outputs/``: ``python -m saelib report``.
+
+Per study, a table of its runs (newest first): the run id and start time, its status, relative
+links to the HTML render, executed notebook and params, a few key params and headline metrics
+read from the run's metrics JSON. A run folder without its HTML render or metrics is shown as
+incomplete or failed; a malformed file shows as an error cell, never as a crash. The page is
+self-contained (inline CSS, no scripts) and written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+import yaml
+
+METRICS_FILES = {
+    "topk_grid": "grid_metrics.json",
+    "progressive_orthogonality": "ortho_metrics.json",
+}
+KEY_PARAMS = {
+    "topk_grid": ["model", "layer", "dataset", "max_tokens", "k_values", "latent_dims", "seeds",
+                  "epochs"],
+    "progressive_orthogonality": ["model", "layer", "dataset", "max_tokens", "d_sae", "k", "runs",
+                                  "seeds", "epochs", "penalty"],
+}  # fmt: skip
+N_GENERIC = 6  # params / numbers shown for a study this module does not know
+STATUS_NOTES = {
+    "complete": "notebook executed, metrics written",
+    "incomplete": "no HTML render yet: the run is still going or was interrupted",
+    "failed": "the notebook stopped before writing its metrics",
+    "error": "a metrics or params file could not be read",
+}
+
+
+class Metric(NamedTuple):
+    text: str
+    tooltip: str = ""
+
+
+@dataclass
+class RunInfo:
+    study: str
+    folder: Path
+    html: Path | None = None
+    notebook: Path | None = None
+    params_file: Path | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics_file: Path | None = None
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    params_error: str | None = None
+    metrics_error: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def started(self) -> str:
+        return run_time(self.folder)
+
+    @property
+    def status(self) -> str:
+        if self.params_error or self.metrics_error:
+            return "error"
+        if self.html is None:
+            return "incomplete"
+        return "complete" if self.metrics_file is not None else "failed"
+
+
+# -------------------------------------------------------------------------------------- scan
+
+
+def scan_outputs(outputs: Path) -> dict[str, list[RunInfo]]:
+    """Every run folder ``outputs/<study>/<run-id>/``, by study, newest run first.
+
+    A folder of ``outputs`` without subfolders (e.g. of screenshots) is not a study.
+    """
+    outputs = Path(outputs)
+    if not outputs.is_dir():
+        raise FileNotFoundError(f"no outputs folder {outputs}")
+    studies = {study.name: _subfolders(study, newest_first=True) for study in _subfolders(outputs)}
+    return {
+        study: [read_run(study, folder) for folder in folders]
+        for study, folders in studies.items()
+        if folders
+    }
+
+
+def _subfolders(folder: Path, newest_first: bool = False) -> list[Path]:
+    found = [path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    return sorted(found, key=lambda path: path.name, reverse=newest_first)
+
+
+def read_run(study: str, folder: Path) -> RunInfo:
+    """What one run folder holds; unreadable files become error messages, never exceptions."""
+    run = RunInfo(study, folder)
+    run.html = _existing(folder / f"{study}.html") or _first(folder, "*.html")
+    run.notebook = _existing(folder / f"{study}.ipynb") or _first(folder, "*.ipynb")
+    run.params_file = _existing(folder / "params.yaml")
+    if run.params_file is not None:
+        _read_params(run)
+    run.metrics_file = _metrics_file(study, folder)
+    if run.metrics_file is not None:
+        _read_metrics(run)
+    return run
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def _first(folder: Path, pattern: str) -> Path | None:
+    return next(iter(sorted(folder.glob(pattern))), None)
+
+
+def _metrics_file(study: str, folder: Path) -> Path | None:
+    if study in METRICS_FILES:
+        return _existing(folder / METRICS_FILES[study])
+    candidates = sorted(folder.glob("*.json"), key=lambda path: ("metrics" not in path.name, path))
+    return candidates[0] if candidates else None
+
+
+def _read_params(run: RunInfo) -> None:
+    try:
+        params = yaml.safe_load(run.params_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        run.params_error = f"params.yaml unreadable: {_first_line(error)}"
+        return
+    if not isinstance(params, dict):
+        run.params_error = "params.yaml is not a mapping"
+        return
+    run.params = params
+
+
+def _read_metrics(run: RunInfo) -> None:
+    name = run.metrics_file.name
+    try:
+        data = json.loads(run.metrics_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        run.metrics_error = f"malformed {name}: {_first_line(error)}"
+        return
+    try:
+        run.metrics = headline_metrics(run.study, data)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        run.metrics_error = f"unexpected content in {name}: {type(error).__name__} {error}"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def run_time(folder: Path) -> str:
+    """The start time in a run id (``%Y%m%d-%H%M%S-xxxx``), else the folder's change time."""
+    try:
+        started = datetime.strptime(folder.name[:15], "%Y%m%d-%H%M%S")
+    except ValueError:
+        started = datetime.fromtimestamp(folder.stat().st_mtime)
+    return started.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def headline_metrics(study: str, data: Any) -> dict[str, Metric]:
+    """A few headline numbers from a run's metrics JSON (raises on unexpected content)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, found {type(data).__name__}")
+    return HEADLINES.get(study, _generic_metrics)(data)
+
+
+def _topk_grid_metrics(data: dict) -> dict[str, Metric]:
+    summary = data["summary"]
+    best = max(summary, key=lambda row: _float(row["explained_variance_mean"]))
+    death = [_float(row["death_rate_mean"]) for row in summary]
+    return {
+        "best EV": Metric(
+            f"{_float(best['explained_variance_mean']):.3f} "
+            f"(K={best['k']}, latent_dim={best['latent_dim']})",
+            f"highest validation explained variance (mean over seeds) of {len(summary)} configs",
+        ),
+        "mean death rate": Metric(f"{_mean(death):.1%}", "mean over the grid's configs"),
+        "claims held": _claims_held(data["claims"]),
+        "train vectors": Metric(f"{int(data['n_train_vectors']):,}"),
+    }
+
+
+def _ortho_metrics(data: dict) -> dict[str, Metric]:
+    rows = {row["run"]: row for row in data["summary"]}
+    progressive = [row for run, row in rows.items() if str(run).startswith("run")]
+    metrics = {
+        f"{label} (baseline → runs)": _versus_baseline(rows.get("baseline"), progressive, column)
+        for column, label in (
+            ("absorption_rate", "absorption"),
+            ("probe_top1", "probe top-1"),
+            ("explained_variance", "EV"),
+        )
+    }
+    metrics["claim parts held"] = _claims_held(data["claim"])
+    return metrics
+
+
+def _versus_baseline(baseline: dict | None, runs: list[dict], metric: str) -> Metric:
+    column = f"{metric}_mean"
+    base = f"{_float(baseline[column]):.3f}" if baseline is not None else "–"
+    mean = f"{_mean([_float(row[column]) for row in runs]):.3f}" if runs else "–"
+    return Metric(f"{base} → {mean}", f"baseline vs mean of the {len(runs)} progressive runs")
+
+
+def _claims_held(claims: list[dict]) -> Metric:
+    if not claims:
+        return Metric("not judged")
+    held = sum(bool(claim["holds"]) for claim in claims)
+    tooltip = "\n".join(
+        f"{'✓' if claim['holds'] else '✗'} {claim.get('statement', '')}" for claim in claims
+    )
+    return Metric(f"{held}/{len(claims)}", tooltip)
+
+
+def _generic_metrics(data: dict) -> dict[str, Metric]:
+    numbers = {
+        key: value
+        for key, value in data.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    if not numbers:
+        return {"keys": Metric(", ".join(list(data)[:N_GENERIC]) or "(empty)")}
+    return {key: Metric(_format_number(value)) for key, value in list(numbers.items())[:N_GENERIC]}
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, found {value!r}")
+    return float(value)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _format_number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+HEADLINES: dict[str, Callable[[dict], dict[str, Metric]]] = {
+    "topk_grid": _topk_grid_metrics,
+    "progressive_orthogonality": _ortho_metrics,
+}
+
+
+# ------------------------------------------------------------------------------------ render
+
+
+def build_index(outputs: Path, out: Path | None = None) -> Path:
+    """Scan ``outputs`` and write the index page (default ``outputs/index.html``) atomically."""
+    outputs = Path(outputs)
+    out = Path(out) if out is not None else outputs / "index.html"
+    page = render_index(scan_outputs(outputs), out.parent)
+    write_atomically(out, page)
+    return out
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1f2328;
+ margin:24px;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px}
+.sub{color:#57606a;margin:0 0 12px}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{border:1px solid #d0d7de;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#f6f8fa;font-weight:600}
+td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+.run{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:nowrap}
+.time{color:#57606a;white-space:nowrap}
+.status{font-weight:600;white-space:nowrap}
+.complete{color:#116329}.incomplete{color:#9a6700}.failed,.error{color:#b42318}
+td.err{background:#fff1f0;color:#b42318}
+.params{font-size:12px;color:#57606a}
+.params b{color:#1f2328;font-weight:600}
+a{color:#0969da;text-decoration:none}
+a:hover{text-decoration:underline}
+[title]{cursor:help}
+a[title]{cursor:pointer}
+"""
+
+
+def render_index(runs_by_study: dict[str, list[RunInfo]], base: Path) -> str:
+    """The whole page; links are relative to ``base`` (the folder the page is written to)."""
+    n_runs = sum(len(runs) for runs in runs_by_study.values())
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    sections = [_study_section(study, runs, base) for study, runs in runs_by_study.items()]
+    body = (
+        "".join(sections) or "<p>No runs yet: <code>python -m saelib run &lt;study&gt;</code></p>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>saelib study runs</title><style>{' '.join(CSS.split())}</style></head><body>"
+        f'<h1>saelib study runs</h1><p class="sub">{n_runs} run(s) in '
+        f"{len(runs_by_study)} stud{'y' if len(runs_by_study) == 1 else 'ies'}; "
+        f"generated {generated}</p>{body}</body></html>\n"
+    )
+
+
+def _study_section(study: str, runs: list[RunInfo], base: Path) -> str:
+    columns = _metric_columns(runs)
+    head = "".join(
+        f"<th>{html.escape(name)}</th>"
+        for name in ["Run", "Status", "Files", "Key params", *columns]
+    )
+    rows = "".join(_run_row(run, columns, base) for run in runs)
+    counts = _status_counts(runs)
+    return (
+        f'<h2 id="{html.escape(study)}">{html.escape(study)}</h2>'
+        f'<p class="sub">{counts}</p><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _metric_columns(runs: list[RunInfo]) -> list[str]:
+    columns: dict[str, None] = {}
+    for run in runs:
+        columns.update(dict.fromkeys(run.metrics))
+    return list(columns) or ["Metrics"]
+
+
+def _status_counts(runs: list[RunInfo]) -> str:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return f"{len(runs)} run(s): " + ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def _run_row(run: RunInfo, columns: list[str], base: Path) -> str:
+    cells = [
+        f'<td><span class="run">{html.escape(run.run_id)}</span><br>'
+        f'<span class="time">{html.escape(run.started)}</span></td>',
+        _status_cell(run),
+        f"<td>{_links(run, base)}</td>",
+        _params_cell(run),
+        _metric_cells(run, columns),
+    ]
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _status_cell(run: RunInfo) -> str:
+    status = run.status
+    note = html.escape(STATUS_NOTES[status])
+    return f'<td><span class="status {status}" title="{note}">{status}</span></td>'
+
+
+def _links(run: RunInfo, base: Path) -> str:
+    targets = [("HTML", run.html), ("notebook", run.notebook), ("params", run.params_file),
+               (run.metrics_file.name if run.metrics_file else "", run.metrics_file)]  # fmt: skip
+    links = [
+        f'<a href="{html.escape(relative_link(path, base))}">{html.escape(label)}</a>'
+        for label, path in targets
+        if path is not None
+    ]
+    return " · ".join(links) if links else "–"
+
+
+def relative_link(path: Path, base: Path) -> str:
+    """``path`` relative to the folder ``base``, as a percent-encoded URL path."""
+    relative = os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    return quote(Path(relative).as_posix())
+
+
+def _params_cell(run: RunInfo) -> str:
+    if run.params_error:
+        return f'<td class="err">{html.escape(run.params_error)}</td>'
+    return f'<td class="params">{_params(run)}</td>'
+
+
+def _params(run: RunInfo) -> str:
+    keys = (
+        KEY_PARAMS.get(run.study)
+        or [key for key, value in run.params.items() if not isinstance(value, dict | list)][
+            :N_GENERIC
+        ]
+    )
+    shown = [
+        f"{html.escape(str(key))}={_value(run.params[key])}" for key in keys if key in run.params
+    ]
+    return " ".join(shown) if shown else "–"
+
+
+def _value(value: Any, limit: int = 40) -> str:
+    """A param value in bold; a long one cut short, in full in its tooltip."""
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if len(text) <= limit:
+        return f"<b>{html.escape(text)}</b>"
+    return f'<b title="{html.escape(text)}">{html.escape(text[: limit - 1])}…</b>'
+
+
+def _metric_cells(run: RunInfo, columns: list[str]) -> str:
+    if run.metrics_error:
+        message = html.escape(run.metrics_error)
+        return f'<td class="err" colspan="{len(columns)}">{message}</td>'
+    return "".join(_metric_cell(run.metrics.get(column)) for column in columns)
+
+
+def _metric_cell(metric: Metric | None) -> str:
+    if metric is None:
+        return "<td>–</td>"
+    tooltip = f' title="{html.escape(metric.tooltip)}"' if metric.tooltip else ""
+    return f'<td class="num"{tooltip}>{html.escape(metric.text)}</td>'
