@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 KERNEL := saelib
 
-.PHONY: setup demo test lab bench lint clean-venv
+.PHONY: setup browser-deps demo test lab bench lint clean-venv
 
 setup: $(STAMP)
 
@@ -22,7 +22,20 @@ demo: setup
 	$(PY) -m saelib fetch
 	$(PY) -m saelib run all
 
-test: setup
+# Headless Chromium for tests/browser (Debian's package; never a downloaded browser build).
+# Installed only when missing and we are root; if apt is unavailable the browser tests skip.
+CHROMIUM ?= /usr/bin/chromium
+
+browser-deps:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+			|| echo "browser-deps: could not install chromium; browser tests will skip"; \
+	else \
+		echo "browser-deps: $(CHROMIUM) missing and not root with apt; browser tests will skip"; \
+	fi
+
+test: setup browser-deps
 	$(PY) -m saelib fetch
 	$(PY) -m ruff check saelib tests benchmarks
 	$(PY) -m pytest
