@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m saelib fetch
 	$(PY) -m saelib run all
+	$(PY) -m saelib report
 
 # Headless Chromium for tests/browser (Debian's package; never a downloaded browser build).
 # Installed only when missing and we are root; if apt is unavailable the browser tests skip.
