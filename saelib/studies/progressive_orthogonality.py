@@ -13,7 +13,6 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from saelib.activations import HarvestConfig
 from saelib.losses import TopKLoss
 from saelib.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
 from saelib.params import (
@@ -24,7 +23,8 @@ from saelib.params import (
     require_positive,
 )
 from saelib.saes import TopKConfig, TopKSAE
-from saelib.train import SAESpec, TrainConfig
+from saelib.studies.common import SAEStudyParams
+from saelib.train import SAESpec
 
 RUN_NAMES = ["baseline", "static", *SCHEDULES]
 
@@ -45,7 +45,7 @@ ORIGINAL_RESULTS = pd.DataFrame(
 
 
 @dataclass
-class ProgressiveOrthoParams:
+class ProgressiveOrthoParams(SAEStudyParams):
     model: str = "smollm2-135m"
     layer: int = 15  # the middle of SmolLM2-135M's 30 blocks
     dataset: str = "wiki"
@@ -86,26 +86,6 @@ class ProgressiveOrthoParams:
         require_fraction(self, "val_fraction")
         require_layer_in_model(self.model, self.layer)
 
-    def harvest_config(self) -> HarvestConfig:
-        return HarvestConfig(
-            model=self.model,
-            layer=self.layer,
-            dataset=self.dataset,
-            positions="all",
-            max_tokens=self.max_tokens,
-            context_length=self.context_length,
-            batch_size=self.harvest_batch_size,
-        )
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            lr=self.lr,
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-            device=self.device,
-            dead_after_tokens=self.dead_after_tokens,
-        )
-
 
 def spec_name(run: str, seed: int) -> str:
     return f"{run}_s{seed}"
@@ -113,7 +93,7 @@ def spec_name(run: str, seed: int) -> str:
 
 def build_specs(params: ProgressiveOrthoParams, d_in: int) -> list[SAESpec]:
     """One SAE per (run, seed); the same seed gives every run the same initial weights."""
-    metadata = {"model": params.model, "layer": params.layer, "dataset": params.dataset}
+    metadata = params.sae_metadata()
     specs = []
     for run in params.runs:
         for seed in params.seeds:

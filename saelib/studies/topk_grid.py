@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saelib.activations import ActivationSet, HarvestConfig, harvest
+from saelib.activations import ActivationSet, harvest
 from saelib.losses import TopKLoss
 from saelib.metrics import evaluate, pareto_optimal
 from saelib.params import (
@@ -26,6 +26,7 @@ from saelib.params import (
     require_positive,
 )
 from saelib.saes import TopKConfig, TopKSAE
+from saelib.studies.common import SAEStudyParams
 from saelib.train import SAESpec, TrainConfig, TrainResult, train_saes
 
 # The report: LLaMA-3.2-1B (16 blocks), activations after block 14 -> relative depth 14/16.
@@ -47,7 +48,7 @@ REPORTED_ACTIVATION = {5: (17.3, 49.5), 10: (10.5, 39.4), 20: (6.1, 25.7), 100: 
 
 
 @dataclass
-class TopKGridParams:
+class TopKGridParams(SAEStudyParams):
     model: str = "smollm2-135m"
     layer: int = 26  # round(14/16 * 30): the report's relative depth on SmolLM2-135M
     dataset: str = "gsm8k"
@@ -81,31 +82,8 @@ class TopKGridParams:
         require_fraction(self, "val_fraction")
         require_layer_in_model(self.model, self.layer)
 
-    def sae_metadata(self) -> dict:
-        """Where the SAEs read their input; stored in every checkpoint."""
-        return {"model": self.model, "layer": self.layer, "dataset": self.dataset}
-
-    def harvest_config(self) -> HarvestConfig:
-        return HarvestConfig(
-            model=self.model,
-            layer=self.layer,
-            dataset=self.dataset,
-            positions=self.positions,
-            max_tokens=self.max_tokens,
-            context_length=self.context_length,
-            batch_size=self.harvest_batch_size,
-        )
-
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            lr=self.lr,
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-            seed=0,
-            device=self.device,
-            dead_after_tokens=self.dead_after_tokens,
-            grad_clip_norm=None,  # the report clips nothing
-        )
+        return super().train_config(grad_clip_norm=None)  # the report clips nothing
 
 
 @dataclass
