@@ -1,0 +1,87 @@
+"""Atomic file writes: every output file appears whole or not at all.
+
+A write goes to a uniquely named temporary file in the target's folder (so two processes never
+share one), is flushed to disk, then renamed over the target. A crash, a kill or a full disk
+leaves the previous file (or none) and at most a stray ``.<name>.*.tmp`` file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``target``'s content to; rename it over ``target`` on
+    success, delete it on any error (the error propagates)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | Path, data: Any, indent: int | None = 2) -> Path:
+    """``data`` (dataclasses, tensors and numpy values allowed) as JSON."""
+    return write_text(target, json.dumps(to_jsonable(data), indent=indent))
+
+
+def write_with(target: str | Path, writer: Callable[[Path], object]) -> Path:
+    """Atomically write ``target`` with ``writer(temporary_path)`` (e.g. safetensors' save_file)."""
+    with atomic_path(target) as temporary:
+        writer(temporary)
+    return Path(target)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, tensors, numpy values and paths as plain JSON types."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            field.name: to_jsonable(getattr(value, field.name))
+            for field in dataclasses.fields(value)
+        }
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
