@@ -2,16 +2,30 @@
 
 ``state`` carries what the trainer knows: training progress p = step / total_steps in [0, 1]
 and which latents are currently dead. Studies add a loss (or wrap one), never a new loop.
+
+Loss scale matters: a constant ported from another codebase (an AuxK alpha, a penalty weight,
+an L1 coefficient) only means the same thing under that codebase's reconstruction convention.
+
+- ``"l2"`` (default): squared error summed over d_in, averaged over the batch. dictionary_learning's
+  trainers and SAELens use it, and so do the originals of the studies ported here.
+- ``"mse"``: squared error averaged over every element (``F.mse_loss``); d_in times smaller.
+- ``"fvu"``: fraction of variance unexplained on the batch, sum ||x - x_hat||^2 divided by
+  sum ||x - mean(x)||^2 (sparsify's training loss): scale-free across layers and models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from torch import Tensor
 
 from saelib.saes import SAE, SAEOutput
+
+ReconstructionLoss = Literal["l2", "mse", "fvu"]
+AuxKForm = Literal["per_dim_variance", "error_variance"]
+RECONSTRUCTION_LOSSES: tuple[str, ...] = ReconstructionLoss.__args__
+AUXK_FORMS: tuple[str, ...] = AuxKForm.__args__
 
 
 @dataclass
@@ -31,38 +45,85 @@ class Loss(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
+def reconstruction_loss(x: Tensor, recon: Tensor, kind: ReconstructionLoss = "l2") -> Tensor:
+    """The reconstruction term under convention ``kind`` (see the module docstring), in float32."""
+    squared = (recon.float() - x.float()).pow(2)
+    if kind == "l2":
+        return squared.sum(dim=-1).mean()
+    if kind == "mse":
+        return squared.mean()
+    if kind == "fvu":
+        return squared.sum() / total_variance(x).sum().clamp_min(1e-12)
+    raise ValueError(f"reconstruction loss must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
+
+
 def reconstruction_mse(x: Tensor, recon: Tensor) -> Tensor:
     """Mean squared error over all elements."""
-    return (recon.float() - x.float()).pow(2).mean()
+    return reconstruction_loss(x, recon, "mse")
 
 
-def auxk_loss(sae: SAE, x: Tensor, output: SAEOutput, dead: Tensor, k_aux: int) -> Tensor:
+def total_variance(x: Tensor) -> Tensor:
+    """(d,) per-dimension sum over the batch of (x_j - mean_j)^2, in float32, without gradient."""
+    x = x.detach().float()
+    return (x - x.mean(dim=0)).pow(2).sum(dim=0)
+
+
+def auxk_loss(
+    sae: SAE,
+    x: Tensor,
+    output: SAEOutput,
+    dead: Tensor,
+    k_aux: int,
+    form: AuxKForm = "per_dim_variance",
+) -> Tensor:
     """AuxK (Gao et al. 2024): the top dead latents should explain the main reconstruction's error.
 
-    Normalised by the error's variance, so it is comparable across layers and scales.
+    e = x - x_hat (no gradient); e_hat decodes the ``min(k_aux, n_dead)`` largest pre-activations
+    among the dead latents, without the decoder bias (it belongs to the main path).
+
+    - ``"per_dim_variance"`` (the progressive-orthogonality original, after sparsify):
+      scale * mean over batch and dims of (e_hat - e)^2 / tv_j, with tv_j the input's per-dimension
+      total variance on the batch and scale = min(n_dead / k_aux, 1), which weakens the loss while
+      few latents are dead.
+    - ``"error_variance"`` (dictionary_learning): sum over d_in, mean over the batch of
+      (e_hat - e)^2, divided by the error's own variance; no scale.
     """
-    if not bool(dead.any()) or output.pre_acts is None:
-        return x.new_zeros(())
+    n_dead = int(dead.sum())
+    if n_dead == 0 or output.pre_acts is None:
+        return x.new_zeros((), dtype=x.float().dtype)
     error = (x - output.recon).detach().float()
     acts, indices = sae.encode_aux(x, output.pre_acts, dead, k_aux)
-    error_hat = sae.decode(acts, indices) - sae.b_dec  # the bias belongs to the main path
-    denominator = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-    return (error_hat.float() - error).pow(2).sum(dim=-1).mean() / denominator
+    error_hat = sae.decode(acts, indices) - sae.b_dec
+    squared = (error_hat.float() - error).pow(2)
+    if form == "per_dim_variance":
+        scale = min(n_dead / k_aux, 1.0)
+        return scale * (squared / total_variance(x).clamp_min(1e-12)).mean()
+    if form == "error_variance":
+        denominator = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        return squared.sum(dim=-1).mean() / denominator
+    raise ValueError(f"AuxK form must be one of {AUXK_FORMS}, got {form!r}")
 
 
 @dataclass
 class TopKLoss:
-    """MSE reconstruction plus ``auxk_alpha`` times the AuxK loss (0 disables it)."""
+    """Reconstruction (convention ``reconstruction``) plus ``auxk_alpha`` times the AuxK loss.
+
+    ``auxk_alpha = 0`` disables AuxK. The terms logged are the reconstruction term (``recon``),
+    the per-element MSE for display (``mse``, no gradient), ``auxk`` and ``total``.
+    """
 
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None  # default d_in // 2
+    reconstruction: ReconstructionLoss = "l2"
+    auxk_form: AuxKForm = "per_dim_variance"
 
     def __call__(self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState):
-        mse = reconstruction_mse(x, output.recon)
-        terms = {"mse": mse}
-        total = mse
+        recon = reconstruction_loss(x, output.recon, self.reconstruction)
+        terms = {"recon": recon, "mse": reconstruction_mse(x, output.recon.detach())}
+        total = recon
         if self.auxk_alpha > 0:
-            aux = auxk_loss(sae, x, output, state.dead, self.k_aux or sae.d_in // 2)
+            k_aux = self.k_aux or sae.d_in // 2
+            aux = auxk_loss(sae, x, output, state.dead, k_aux, self.auxk_form)
             terms["auxk"] = aux
             total = total + self.auxk_alpha * aux
         terms["total"] = total

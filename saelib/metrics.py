@@ -1,8 +1,12 @@
 """Reconstruction and sparsity metrics of an SAE on a set of activations.
 
 Definitions (as in the TopK grid study spec):
-- explained variance: EV = 1 - Var(x - x_hat) / Var(x), where Var is the total variance
-  (per-dimension variance around the dataset mean, summed over dimensions);
+- explained variance (SAELens's form): EV = 1 - E||x - x_hat||^2 / E||x - mean(x)||^2, the
+  squared error against the total variance (per-dimension variance around the dataset mean,
+  summed over dimensions). A systematic offset in x_hat counts as unexplained;
+- centred explained variance (dictionary_learning's form): 1 - Var(x - x_hat) / Var(x), where
+  the error's own mean is removed first, so an offset goes unpunished. Reported beside EV under
+  its own name, never as EV;
 - mse: mean over all elements of (x - x_hat)^2;
 - cosine similarity: mean over rows of cos(x, x_hat);
 - l0: mean number of latents with a non-zero activation per row;
@@ -25,6 +29,7 @@ from saelib.saes import SAE
 @dataclass
 class ReconstructionMetrics:
     explained_variance: float
+    explained_variance_centred: float
     mse: float
     cosine_similarity: float
     l0: float
@@ -79,9 +84,11 @@ class _Sums:
     def result(self) -> ReconstructionMetrics:
         n = self.n
         total_var = float((self.x_sq_sum - self.x_sum.pow(2) / n).sum())
-        residual_var = float((self.err_sq_sum - self.err_sum.pow(2) / n).sum())
+        squared_error = float(self.err_sq_sum.sum())
+        error_var = float((self.err_sq_sum - self.err_sum.pow(2) / n).sum())
         return ReconstructionMetrics(
-            explained_variance=1.0 - residual_var / total_var,
+            explained_variance=1.0 - squared_error / total_var,
+            explained_variance_centred=1.0 - error_var / total_var,
             mse=float(self.err_sq_sum.sum()) / self.n_elements,
             cosine_similarity=self.cosine_sum / n,
             l0=self.active_count / n,

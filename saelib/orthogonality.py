@@ -114,6 +114,17 @@ class OrthogonalityPenalty:
         magnitude = self._magnitudes(sae, output, pairs, chosen)
         return weight * (coefficient[chosen] * magnitude).sum()
 
+    def state_dict(self) -> dict:
+        """The EMA of n_ij (what a resumed run needs to continue exactly)."""
+        return {} if self._ema is None else {"ema": self._ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ema = None
+        if "ema" in state:
+            device = state["ema"]["keys"].device
+            self._ema = PairEMA(self.schedule.ema_decay, self.ema_floor, device)
+            self._ema.load_state_dict(state["ema"])
+
     def _smoothed(self, pairs: CoactivePairs, d_sae: int, step: int) -> Tensor:
         """n_ij at the batch's pairs, through the EMA when the schedule has one."""
         decay = self.schedule.ema_decay
@@ -199,6 +210,12 @@ class PairEMA:
         self.values = torch.empty(0, device=device)
         self.stamps = torch.empty(0, dtype=torch.long, device=device)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"keys": self.keys, "values": self.values, "stamps": self.stamps}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.keys, self.values, self.stamps = state["keys"], state["values"], state["stamps"]
+
     def update(self, keys: Tensor, ratio: Tensor, step: int) -> Tensor:
         """Fold this step's n_ij (at ``keys``) in; return the averages at ``keys``."""
         position = torch.searchsorted(self.keys, keys).clamp(max=max(len(self.keys) - 1, 0))
@@ -246,7 +263,11 @@ class PairEMA:
 
 @dataclass
 class OrthogonalTopKLoss:
-    """TopK loss (MSE + AuxK) plus the orthogonality penalty."""
+    """TopK loss (reconstruction + AuxK) plus the orthogonality penalty.
+
+    The penalty's weights (lambda2) are the original's, relative to its reconstruction term
+    (squared error summed over d_in, mean over the batch: ``TopKLoss``'s default "l2").
+    """
 
     penalty: OrthogonalityPenalty
     base: TopKLoss = field(default_factory=TopKLoss)
@@ -257,6 +278,12 @@ class OrthogonalTopKLoss:
         terms["ortho"] = ortho
         terms["total"] = terms["total"] + ortho
         return terms
+
+    def state_dict(self) -> dict:
+        return {"penalty": self.penalty.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.penalty.load_state_dict(state["penalty"])
 
 
 def make_penalty(

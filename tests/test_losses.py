@@ -1,11 +1,18 @@
-"""Training losses: the MSE by hand, and the AuxK loss's value and where its gradients go."""
+"""Training losses: each reconstruction convention by hand, the AuxK forms against dense
+computations, and where AuxK's gradients go."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saelib.losses import TopKLoss, TrainState, auxk_loss, reconstruction_mse
+from saelib.losses import (
+    TopKLoss,
+    TrainState,
+    auxk_loss,
+    reconstruction_loss,
+    reconstruction_mse,
+)
 
 D_SAE = 64
 
@@ -25,6 +32,26 @@ def test_reconstruction_mse_by_hand():
     assert mse.item() == pytest.approx((0 + 4 + 9 + 0) / 4)
 
 
+def test_reconstruction_conventions_by_hand():
+    # a known batch: 2 rows, d_in 3; squared errors [[1, 4, 0], [9, 0, 1]]
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    recon = torch.tensor([[0.0, 4.0, 3.0], [1.0, 5.0, 7.0]])
+    # the originals' convention: sum over d_in, mean over the batch
+    assert reconstruction_loss(x, recon).item() == pytest.approx((5 + 10) / 2)
+    assert reconstruction_loss(x, recon, "l2").item() == pytest.approx(7.5)
+    assert reconstruction_loss(x, recon, "mse").item() == pytest.approx(15 / 6)
+    # fvu: 15 over the total variance sum_j sum_b (x_bj - mean_j)^2 = 3 * (1.5^2 * 2) = 13.5
+    assert reconstruction_loss(x, recon, "fvu").item() == pytest.approx(15 / 13.5)
+    with pytest.raises(ValueError, match="reconstruction loss"):
+        reconstruction_loss(x, recon, "sum")
+
+
+def test_l2_is_d_in_times_mse(toy_acts):
+    recon = toy_acts.flip(0)
+    l2, mse = reconstruction_loss(toy_acts, recon, "l2"), reconstruction_mse(toy_acts, recon)
+    torch.testing.assert_close(l2, mse * toy_acts.shape[1])
+
+
 def test_auxk_is_zero_without_dead_latents(make_sae, toy_acts):
     sae = make_sae(d_sae=D_SAE)
     output = sae(toy_acts[:32])
@@ -33,19 +60,39 @@ def test_auxk_is_zero_without_dead_latents(make_sae, toy_acts):
     assert loss.item() == 0.0
 
 
-def test_auxk_value_matches_dense_computation(make_sae, toy_acts, dead):
+def _dense_aux(sae, x, output, dead, k_aux):
+    """(e_hat - e) by dense matrices, and e."""
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+        values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+        latents = torch.zeros_like(pre).scatter(1, indices, torch.relu(values))
+        error = x - output.recon
+        return latents @ sae.W_dec - error, error
+
+
+@pytest.mark.parametrize("k_aux", [4, 40])  # 10 dead latents: scale 1, then 10/40
+def test_auxk_per_dim_variance_matches_dense_computation(make_sae, toy_acts, dead, k_aux):
     sae = make_sae(d_sae=D_SAE)
     x = toy_acts[:32]
     output = sae(x)
-    loss = auxk_loss(sae, x, output, dead, k_aux=4)
+    loss = auxk_loss(sae, x, output, dead, k_aux=k_aux, form="per_dim_variance")
+    difference, _ = _dense_aux(sae, x, output, dead, min(k_aux, int(dead.sum())))
+    tv = (x - x.mean(dim=0)).pow(2).sum(dim=0)  # per dimension, summed over the batch
+    scale = min(int(dead.sum()) / k_aux, 1.0)
+    expected = scale * (difference.pow(2) / tv).mean()
+    assert torch.isfinite(loss) and loss > 0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
-    with torch.no_grad():
-        pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-        values, indices = pre.masked_fill(~dead, float("-inf")).topk(4, dim=1)
-        latents = torch.zeros_like(pre).scatter(1, indices, torch.relu(values))
-        error = x - output.recon
-        residual = (latents @ sae.W_dec - error).pow(2).sum(dim=1).mean()
-        expected = residual / (error - error.mean(dim=0)).pow(2).sum(dim=1).mean()
+
+def test_auxk_error_variance_matches_dense_computation(make_sae, toy_acts, dead):
+    sae = make_sae(d_sae=D_SAE)
+    x = toy_acts[:32]
+    output = sae(x)
+    loss = auxk_loss(sae, x, output, dead, k_aux=4, form="error_variance")
+
+    difference, error = _dense_aux(sae, x, output, dead, 4)
+    residual = difference.pow(2).sum(dim=1).mean()
+    expected = residual / (error - error.mean(dim=0)).pow(2).sum(dim=1).mean()
     assert torch.isfinite(loss) and loss > 0
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
@@ -75,9 +122,13 @@ def test_topk_loss_combines_terms(make_sae, toy_acts, dead):
 
     terms = TopKLoss(auxk_alpha=0.5, k_aux=4)(sae, x, output, state)
     assert terms["auxk"] > 0
-    torch.testing.assert_close(terms["total"], terms["mse"] + 0.5 * terms["auxk"])
-    torch.testing.assert_close(terms["mse"], reconstruction_mse(x, output.recon))
+    torch.testing.assert_close(terms["total"], terms["recon"] + 0.5 * terms["auxk"])
+    # the default reconstruction term is the originals': sum over d_in, mean over the batch
+    by_hand = (x - output.recon).pow(2).sum(dim=1).mean()
+    torch.testing.assert_close(terms["recon"], by_hand)
+    torch.testing.assert_close(terms["mse"], by_hand / x.shape[1])
 
-    plain = TopKLoss(auxk_alpha=0.0)(sae, x, output, state)
+    plain = TopKLoss(auxk_alpha=0.0, reconstruction="mse")(sae, x, output, state)
     assert "auxk" not in plain
-    assert torch.equal(plain["total"], plain["mse"])
+    assert torch.equal(plain["total"], plain["recon"])
+    torch.testing.assert_close(plain["recon"], reconstruction_mse(x, output.recon))

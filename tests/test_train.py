@@ -1,4 +1,5 @@
-"""train_saes: ground-truth recovery, one pass for many SAEs, determinism, resume, NaN guard."""
+"""train_saes: ground-truth recovery, one pass for many SAEs, determinism, resume and what a
+checkpoint must match, per-SAE divergence."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ import torch
 from torch.nn import functional as F
 
 from saelib.losses import TopKLoss
+from saelib.orthogonality import OrthogonalTopKLoss, make_penalty
 from saelib.saes import TopKConfig, TopKSAE, load_sae
-from saelib.train import NonFiniteLossError, SAESpec, TrainConfig, _lr_lambda, train_saes
+from saelib.train import (
+    CheckpointMismatchError,
+    SAESpec,
+    TrainConfig,
+    _lr_lambda,
+    train_saes,
+)
 
 
 def small_config(**changes) -> TrainConfig:
@@ -136,16 +144,94 @@ class NaNAtStep:
         return terms
 
 
-def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(make_sae, toy_acts, tmp_path):
-    spec = SAESpec("nan-sae", make_sae(), NaNAtStep(step=12))
-    with pytest.raises(NonFiniteLossError, match="'nan-sae'.*step 12") as error:
-        train([spec], toy_acts, small_config(checkpoint_every=5), checkpoint_dir=tmp_path)
-    kept = tmp_path / "nan-sae"
-    assert str(kept) in str(error.value)
-    assert json.loads((kept / "config.json").read_text())["trained_steps"] == 10
-    saved = load_sae(kept)
-    assert all(torch.isfinite(tensor).all() for tensor in saved.state_dict().values())
-    assert torch.isfinite(spec.sae.W_dec).all()  # no update was made with the NaN gradient
+def test_a_nan_sae_stops_alone_and_keeps_its_last_good_weights(make_sae, toy_acts, tmp_path):
+    specs = [SAESpec("nan-sae", make_sae(), NaNAtStep(step=12)), SAESpec("fine", make_sae())]
+    with pytest.warns(UserWarning, match="'nan-sae' diverged at step 12"):
+        broken, fine = train(specs, toy_acts, small_config(checkpoint_every=5), tmp_path)
+    assert (broken.status, broken.steps) == ("diverged", 12)
+    assert "not finite" in broken.message and str(tmp_path / "nan-sae") in broken.message
+    assert (fine.status, fine.steps) == ("complete", 32)  # the other SAE finished
+    assert torch.isfinite(broken.sae.W_dec).all()  # no update was made with the NaN gradient
+    stored = json.loads((tmp_path / "nan-sae" / "config.json").read_text())
+    assert (stored["trained_steps"], stored["train_status"]) == (12, "diverged")
+    assert_same_weights(load_sae(tmp_path / "nan-sae"), broken.sae)
+
+
+def test_divergence_is_kept_in_memory_without_a_checkpoint_dir(make_sae, toy_acts):
+    with pytest.warns(UserWarning, match="diverged"):
+        [result] = train([SAESpec("a", make_sae(), NaNAtStep(step=3))], toy_acts, small_config())
+    assert (result.status, result.steps, result.checkpoint) == ("diverged", 3, None)
+    assert "last good weights in" not in result.message
+
+
+def test_finite_blow_up_counts_as_divergence(make_sae, toy_acts):
+    config = small_config(lr=100.0)  # finite garbage: the loss grows ~1e9-fold, never inf
+    with pytest.warns(UserWarning, match="over 100 times its first value"):
+        [result] = train([SAESpec("wild", make_sae())], toy_acts, config)
+    assert result.status == "diverged" and 0 < result.steps < 32
+    assert all(math.isfinite(entry["recon"]) for entry in result.history)
+    calm = train([SAESpec("calm", make_sae())], toy_acts, small_config())[0]
+    assert calm.status == "complete"
+
+
+def test_resume_refuses_a_checkpoint_trained_on_something_else(make_sae, toy_acts, tmp_path):
+    config = small_config(epochs=0.5)
+    train([SAESpec("sae", make_sae())], toy_acts, config, tmp_path)
+    changes = {
+        "other data": dict(acts=toy_acts.flip(0)),
+        "lr": dict(config=small_config(epochs=0.5, lr=0.5)),
+        "other SAE": dict(spec=SAESpec("sae", make_sae(k=2))),
+        "other loss": dict(spec=SAESpec("sae", make_sae(), TopKLoss(reconstruction="fvu"))),
+    }
+    for what, change in changes.items():
+        spec = change.get("spec", SAESpec("sae", make_sae()))
+        arguments = (change.get("acts", toy_acts), change.get("config", config), tmp_path)
+        with pytest.raises(CheckpointMismatchError, match=r"checkpoint .*sae was trained on"):
+            train([spec], *arguments)
+            pytest.fail(f"{what}: resumed from a checkpoint trained on something else")
+    # the same setup resumes (nothing left to do); logging settings may differ
+    relogged = small_config(epochs=0.5, log_every=3)
+    [again] = train([SAESpec("sae", make_sae())], toy_acts, relogged, tmp_path)
+    assert (again.status, again.steps) == ("complete", 8)
+
+
+def test_stale_swap_leftovers_neither_break_saves_nor_survive(make_sae, toy_acts, tmp_path):
+    (tmp_path / ".sae.old-1-abc").mkdir(parents=True)  # as a crash mid-swap leaves them
+    (tmp_path / ".sae.tmp-1-abc").mkdir()
+    [result] = train(
+        [SAESpec("sae", make_sae())], toy_acts, small_config(checkpoint_every=5), tmp_path
+    )
+    assert result.status == "complete"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sae"]
+
+
+def test_a_checkpoint_swapped_out_by_a_crash_is_restored(make_sae, toy_acts, tmp_path):
+    config = small_config(epochs=0.5)
+    [first] = train([SAESpec("sae", make_sae())], toy_acts, config, tmp_path)
+    (tmp_path / "sae").rename(tmp_path / ".sae.old-7-beef")  # crash between the two renames
+    [resumed] = train([SAESpec("sae", make_sae())], toy_acts, config, tmp_path)
+    assert resumed.steps == first.steps and resumed.seconds == first.seconds
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sae"]
+
+
+def test_resume_restores_the_orthogonality_ema(make_sae, toy_acts, tmp_path):
+    def spec():
+        loss = OrthogonalTopKLoss(make_penalty("run5"), TopKLoss(auxk_alpha=0.0))
+        return SAESpec("ortho", make_sae(d_sae=64, k=8), loss)
+
+    config = small_config(checkpoint_every=5)
+    [reference] = train([spec()], toy_acts, config, tmp_path / "a")
+
+    def crash_at_step_12(step, results):
+        if step == 12:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train([spec()], toy_acts, config, tmp_path / "b", callbacks=[crash_at_step_12])
+    [resumed] = train([spec()], toy_acts, config, tmp_path / "b")
+    assert any(entry["ortho"] > 0 for entry in reference.history)
+    assert resumed.history == reference.history
+    assert_same_weights(resumed.sae, reference.sae)
 
 
 def test_spec_errors(make_sae, toy_acts):

@@ -9,7 +9,8 @@ Definitions follow SAEBench's core eval and SAELens:
 - CE: mean next-token cross-entropy over positions whose next token is real.
   CE score = (CE_ablation - CE_sae) / (CE_ablation - CE_clean).
   Both scores are 1 for a perfect reconstruction and 0 for one as bad as zeros.
-- Reconstruction metrics (explained variance, MSE, cosine, L0) come from
+- Reconstruction metrics (explained variance in SAELens's form and, named as such, the centred
+  form; MSE, cosine, L0) come from
   :func:`saelib.metrics.evaluate` on the residuals at the same tokens; l1 is the mean sum of
   latent activations per token and shrinkage the mean of ||x_hat|| / ||x|| (SAEBench's
   ``l2_ratio``). A latent is dead when it never fires on the evaluated tokens.
@@ -71,7 +72,8 @@ class DensityHistogram:
 
 @dataclass
 class CoreEvalOutput:
-    explained_variance: float
+    explained_variance: float  # SAELens's form (see saelib.metrics)
+    explained_variance_centred: float  # dictionary_learning's form
     mse: float
     cosine_similarity: float
     l0: float
@@ -290,6 +292,7 @@ class _Totals:
         dead = int((self.fire_counts == 0).sum())
         return CoreEvalOutput(
             explained_variance=reconstruction.explained_variance,
+            explained_variance_centred=reconstruction.explained_variance_centred,
             mse=reconstruction.mse,
             cosine_similarity=reconstruction.cosine_similarity,
             l0=reconstruction.l0,

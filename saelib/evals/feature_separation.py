@@ -23,6 +23,7 @@ For the progressive-orthogonality study. Definitions:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -80,6 +81,21 @@ class SeparationSnapshot:
     coactivation: CoactivationStats
     decoder_cosine: DecoderCosineStats
     seconds: float  # time taken to compute it
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SeparationSnapshot:
+        """Inverse of its JSON form (threshold and quantile keys come back as floats)."""
+        stats = {}
+        for name, stats_class in (
+            ("coactivation", CoactivationStats),
+            ("decoder_cosine", DecoderCosineStats),
+        ):
+            fields = dict(data[name])
+            for key, value in fields.items():
+                if isinstance(value, dict):
+                    fields[key] = {float(level): number for level, number in value.items()}
+            stats[name] = stats_class(**fields)
+        return cls(**(data | stats))
 
 
 # ---------------------------------------------------------------- co-activation
@@ -297,8 +313,9 @@ class SeparationRecorder:
     """``train_saes`` callback: one snapshot per SAE at each fraction of training.
 
     The snapshot for fraction p is taken right after the step that brings an SAE's completed
-    steps to ceil(p * total_steps) (at least 1). With a resumed run, points already passed
-    before the resume are not recorded.
+    steps to ceil(p * total_steps) (at least 1). With ``path``, snapshots are written there as
+    they are taken and read back when the recorder is made again, so a resumed run keeps the
+    points it passed before the interruption.
     """
 
     def __init__(
@@ -309,6 +326,7 @@ class SeparationRecorder:
         total_steps: int,
         decoder_max_latents: int | None = 16_384,
         seed: int = 0,
+        path: str | Path | None = None,
     ):
         if total_steps < 1 or not all(0.0 < p <= 1.0 for p in at_progress):
             raise ValueError("total_steps must be >= 1 and every progress in (0, 1]")
@@ -318,7 +336,10 @@ class SeparationRecorder:
         self.target_steps = {p: max(1, math.ceil(round(p * total_steps, 9))) for p in at_progress}
         self.decoder_max_latents = decoder_max_latents
         self.seed = seed
+        self.path = Path(path) if path is not None else None
         self.snapshots: dict[str, list[SeparationSnapshot]] = {}
+        if self.path is not None and self.path.exists():
+            self._restore(self.path)
 
     def __call__(self, step: int, results: list) -> None:
         for result in results:
@@ -327,6 +348,8 @@ class SeparationRecorder:
                 if result.steps == target and progress not in taken:
                     snapshot = self.snapshot(result.name, result.sae, progress, result.steps)
                     self.snapshots.setdefault(result.name, []).append(snapshot)
+                    if self.path is not None:
+                        self.save(self.path)
 
     def snapshot(self, name: str, sae: SAE, progress: float, step: int) -> SeparationSnapshot:
         started = time.perf_counter()
@@ -334,6 +357,16 @@ class SeparationRecorder:
         cosine = decoder_cosine_stats(sae, max_latents=self.decoder_max_latents, seed=self.seed)
         seconds = time.perf_counter() - started
         return SeparationSnapshot(name, progress, step, coactivation, cosine, seconds)
+
+    def _restore(self, path: Path) -> None:
+        stored = json.loads(path.read_text())
+        if stored["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"{path} holds snapshots of a {stored['total_steps']}-step run, "
+                f"not of this {self.total_steps}-step one"
+            )
+        for name, taken in stored["snapshots"].items():
+            self.snapshots[name] = [SeparationSnapshot.from_dict(item) for item in taken]
 
     def save(self, path: str | Path) -> Path:
         return save_json(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -11,6 +10,8 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from saelib.io import write_json, write_with
 
 
 @dataclass
@@ -72,11 +73,9 @@ class SAE(nn.Module):
         tensors = {
             name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()
         }
-        save_file(tensors, str(folder / "sae.safetensors.tmp"))
-        os.replace(folder / "sae.safetensors.tmp", folder / "sae.safetensors")
+        write_with(folder / "sae.safetensors", lambda path: save_file(tensors, str(path)))
         config = {"architecture": self.architecture, **asdict(self.config), **(extra or {})}
-        (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
-        os.replace(folder / "config.json.tmp", folder / "config.json")
+        write_json(folder / "config.json", config)
         return folder
 
 

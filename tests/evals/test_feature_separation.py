@@ -136,6 +136,29 @@ def test_recorder_saves_finite_values(tmp_path, toy_acts, make_sae):
     assert snapshots[0]["coactivation"]["n_samples"] == 200
 
 
+def test_recorder_with_a_path_survives_an_interrupted_run(tmp_path, toy_acts, make_sae):
+    config = TrainConfig(lr=1e-2, batch_size=128, epochs=1, device="cpu", checkpoint_every=2)
+    path, checkpoints = tmp_path / "separation.json", tmp_path / "checkpoints"
+
+    def stop_after_step_6(step, results):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    first = SeparationRecorder(toy_acts[:200], (0.25, 0.5, 1.0), total_steps=8, path=path)
+    with pytest.raises(KeyboardInterrupt):
+        train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
+                   callbacks=[first, stop_after_step_6], progress=False)  # fmt: skip
+    assert [s.step for s in first.snapshots["sae"]] == [2, 4]
+
+    again = SeparationRecorder(toy_acts[:200], (0.25, 0.5, 1.0), total_steps=8, path=path)
+    assert again.snapshots == first.snapshots  # read back from the file, equal to the originals
+    train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
+               callbacks=[again], progress=False)  # fmt: skip
+    assert [s.step for s in again.snapshots["sae"]] == [2, 4, 8]
+    with pytest.raises(ValueError, match="8-step run"):
+        SeparationRecorder(toy_acts[:200], total_steps=16, path=path)
+
+
 def _numbers(value) -> list[float]:
     if isinstance(value, dict):
         return [x for item in value.values() for x in _numbers(item)]
