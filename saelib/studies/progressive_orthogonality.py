@@ -60,6 +60,11 @@ class ProgressiveOrthoParams(SAEStudyParams):
     batch_size: int = 512
     epochs: float = 1.0
     auxk_alpha: float = 1 / 32
+    # the original's loss scale (its lambda2 and AuxK alpha are relative to it): squared error
+    # summed over d_in, mean over the batch; AuxK normalised per dimension, as in the original
+    reconstruction_loss: Literal["l2", "mse", "fvu"] = "l2"
+    auxk_form: Literal["per_dim_variance", "error_variance"] = "per_dim_variance"
+    checkpoint_every: int = 50  # steps; a run interrupted later resumes from here
     dead_after_tokens: int = 50_000
     include_diagonal: bool = False  # the original included it (n_jj = 1)
     penalty: Literal["activation", "decoder"] = "activation"  # the original: activation
@@ -104,7 +109,11 @@ def build_specs(params: ProgressiveOrthoParams, d_in: int) -> list[SAESpec]:
 
 
 def _loss(params: ProgressiveOrthoParams, run: str):
-    base = TopKLoss(auxk_alpha=params.auxk_alpha)
+    base = TopKLoss(
+        auxk_alpha=params.auxk_alpha,
+        reconstruction=params.reconstruction_loss,
+        auxk_form=params.auxk_form,
+    )
     penalty = make_penalty(
         "none" if run == "baseline" else run,
         include_diagonal=params.include_diagonal,
@@ -116,7 +125,8 @@ def _loss(params: ProgressiveOrthoParams, run: str):
 
 
 def summarize(per_seed: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds per run, in the order of RUN_NAMES."""
+    """Mean and std over seeds per run, in the order of RUN_NAMES; diverged SAEs left out."""
+    per_seed = per_seed[per_seed["status"] != "diverged"]
     grouped = per_seed.groupby("run")[metrics].agg(["mean", "std"])
     grouped.columns = [f"{metric}_{stat}" for metric, stat in grouped.columns]
     order = [run for run in RUN_NAMES if run in grouped.index]
@@ -220,6 +230,7 @@ def evaluate_all(
 
     core_config, absorption_config, probing_config = eval_configs(params)
     saes = {result.name: result.sae for result in results}
+    status = {result.name: result.status for result in results}
     core = run_core_eval_many(saes, context.lm, params.layer, core_config)
     rows = []
     for name, sae in saes.items():
@@ -231,7 +242,7 @@ def evaluate_all(
             for kind, output in (("core", core[name]), ("absorption", absorption)):
                 output.save(eval_dir / f"{name}.{kind}.json")
             probing.save(eval_dir / f"{name}.sparse_probing.json")
-        rows.append(_row(name, core[name], absorption, probing))
+        rows.append(_row(name, core[name], absorption, probing) | {"status": status[name]})
     return pd.DataFrame(rows)
 
 

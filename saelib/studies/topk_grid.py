@@ -65,6 +65,10 @@ class TopKGridParams(SAEStudyParams):
     val_fraction: float = 0.2
     use_decoder_bias: bool = False  # the report's decoder has no bias
     auxk_alpha: float = 0.0  # the report trains on MSE only; 1/32 enables AuxK
+    # the report's "MSE": the mean over elements. With Adam and no clipping the loss scale
+    # barely matters (Adam is scale-invariant up to its epsilon); it would with AuxK or clipping
+    reconstruction_loss: Literal["l2", "mse", "fvu"] = "mse"
+    checkpoint_every: int = 100  # steps; a run interrupted later resumes from here
     dead_after_tokens: int = 10_000_000
     device: str = "auto"
 
@@ -111,7 +115,7 @@ def build_specs(params: TopKGridParams, d_in: int) -> list[SAESpec]:
             for seed in params.seeds:
                 config = TopKConfig(d_in, latent_dim, k, params.use_decoder_bias)
                 sae = TopKSAE(config, generator=torch.Generator().manual_seed(seed))
-                loss = TopKLoss(auxk_alpha=params.auxk_alpha)
+                loss = TopKLoss(params.auxk_alpha, reconstruction=params.reconstruction_loss)
                 name = config_name(k, latent_dim, seed)
                 specs.append(SAESpec(name, sae, loss, metadata=params.sae_metadata()))
     return specs
@@ -136,7 +140,7 @@ def evaluate_grid(results: list[TrainResult], data: GridData) -> pd.DataFrame:
         rows.append(
             {"k": config.k, "latent_dim": config.d_sae, "seed": _seed_of(result.name)}
             | metrics
-            | {"train_seconds": result.seconds, "steps": result.steps}
+            | {"train_seconds": result.seconds, "steps": result.steps, "status": result.status}
         )
     return pd.DataFrame(rows)
 
@@ -158,7 +162,11 @@ METRIC_COLUMNS = [
 
 
 def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (k, latent_dim); columns like ``mse_mean``."""
+    """Mean and standard deviation over seeds per (k, latent_dim); columns like ``mse_mean``.
+
+    Diverged SAEs are left out (``n_seeds`` counts the rest).
+    """
+    per_seed = per_seed[per_seed["status"] != "diverged"]
     grouped = per_seed.groupby(["k", "latent_dim"])[METRIC_COLUMNS]
     summary = grouped.agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
