@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ParamsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        lines = [line.strip() for line in str(error).splitlines()]
+        message = " ".join(line for line in lines if line)  # one line, whatever the error holds
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
@@ -48,7 +50,7 @@ def _run(args) -> int:
     from saelib.runner import get_study, run_study
     from saelib.studies import STUDIES
 
-    overrides = {key: parse_override(value) for key, value in args.param}
+    overrides = {key: parse_override(value, key) for key, value in args.param}
     names = sorted(STUDIES) if args.study == "all" else [args.study]
     if args.study == "all" and (args.params_file or overrides):
         raise ParamsError("'run all' uses each study's default params; -f and -p need one study")

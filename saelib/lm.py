@@ -81,6 +81,17 @@ def load_lm(source: str, device: str = "cpu") -> LoadedLM:
 
 def num_layers(source: str) -> int:
     """Number of decoder blocks of ``source``, read from its config without loading weights."""
+    return int(model_config(source).num_hidden_layers)
+
+
+def hidden_size(source: str) -> int:
+    """Width of the residual stream (d_model) of ``source``, from its config; no weights load."""
+    return int(model_config(source).hidden_size)
+
+
+@functools.lru_cache(maxsize=8)
+def model_config(source: str):
+    """The transformers config of ``source``; cached, since params checks read it repeatedly."""
     from transformers import AutoConfig
 
     folder, _ = _resolve_config_source(source)
@@ -88,10 +99,8 @@ def num_layers(source: str) -> int:
         warnings.simplefilter("ignore")
         if folder.endswith(".gguf"):
             path = Path(folder)
-            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            config = AutoConfig.from_pretrained(folder)
-    return int(config.num_hidden_layers)
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(folder)
 
 
 def _resolve_config_source(source: str) -> tuple[str, None]:

@@ -7,6 +7,7 @@ seeds, trained together from one pass over cached activations and evaluated with
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,9 +19,10 @@ from saelib.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
 from saelib.params import (
     ParamsError,
     require_fraction,
-    require_layer_in_model,
     require_non_empty,
+    require_non_negative,
     require_positive,
+    require_unique,
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies.common import SAEStudyParams
@@ -83,13 +85,23 @@ class ProgressiveOrthoParams(SAEStudyParams):
         unknown = sorted(set(self.runs) - set(RUN_NAMES))
         if unknown:
             raise ParamsError(f"unknown run(s) {unknown}; known: {RUN_NAMES}")
-        require_non_empty(self, "runs", "seeds")
+        require_non_empty(self, "runs", "seeds", "absorption_letters")
+        require_unique(self, "runs", "absorption_letters")
+        require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
+        require_positive(self, "d_sae", "epochs", "lr", "dead_after_tokens", "static_tau")
+        require_positive(self, "core_eval_texts", "probing_train_per_class")
+        require_positive(self, "probing_test_per_class")
+        require_non_negative(self, "auxk_alpha", "static_weight")
+        require_fraction(self, "val_fraction")
         if not 1 <= self.k <= self.d_sae:
             raise ParamsError(f"k={self.k} must lie in 1..d_sae={self.d_sae}")
-        require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
-        require_positive(self, "d_sae", "epochs", "lr", "static_tau")
-        require_fraction(self, "val_fraction")
-        require_layer_in_model(self.model, self.layer)
+        if not self.absorption_words_per_letter >= 2:  # the eval keeps letters with >= 2 words
+            raise ParamsError(
+                f"absorption_words_per_letter must be >= 2, got {self.absorption_words_per_letter}"
+            )
+        if not set(self.absorption_letters) <= set(string.ascii_lowercase):
+            raise ParamsError(f"absorption_letters must be a-z, got {self.absorption_letters!r}")
+        self.check_shared([self.d_sae] * (len(self.runs) * len(self.seeds)), "d_sae")
 
 
 def spec_name(run: str, seed: int) -> str:

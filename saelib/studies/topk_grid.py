@@ -20,10 +20,12 @@ from saelib.losses import TopKLoss
 from saelib.metrics import evaluate, pareto_optimal
 from saelib.params import (
     ParamsError,
+    require_all_positive,
     require_fraction,
-    require_layer_in_model,
     require_non_empty,
+    require_non_negative,
     require_positive,
+    require_unique,
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies.common import SAEStudyParams
@@ -75,16 +77,18 @@ class TopKGridParams(SAEStudyParams):
     def check(self) -> None:
         """Impossible values stop here, before any compute."""
         require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
-        require_positive(self, "epochs", "lr")
+        require_positive(self, "epochs", "lr", "dead_after_tokens")
+        require_non_negative(self, "auxk_alpha")
+        require_fraction(self, "val_fraction")
         require_non_empty(self, "k_values", "latent_dims", "seeds")
-        if min(self.k_values) < 1:
-            raise ParamsError(f"every k must be >= 1, got k_values={self.k_values}")
+        require_all_positive(self, "k_values", "latent_dims")
+        require_unique(self, "k_values", "latent_dims")
         too_large = [(k, d) for k in self.k_values for d in self.latent_dims if k > d]
         if too_large:
             k, d = too_large[0]
             raise ParamsError(f"k={k} is larger than latent_dim={d}: TopK needs k <= latent_dim")
-        require_fraction(self, "val_fraction")
-        require_layer_in_model(self.model, self.layer)
+        grid = len(self.k_values) * len(self.seeds)  # SAEs per latent_dim
+        self.check_shared([d for d in self.latent_dims for _ in range(grid)], "latent_dims")
 
     def train_config(self) -> TrainConfig:
         return super().train_config(grad_clip_norm=None)  # the report clips nothing
