@@ -69,6 +69,7 @@ class SAEStudyParams:
             epochs=self.epochs,
             device=self.device,
             dead_after_tokens=self.dead_after_tokens,
+            checkpoint_every=self.checkpoint_every,
         )
         return TrainConfig(**(common | overrides))
 

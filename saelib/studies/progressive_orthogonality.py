@@ -91,7 +91,7 @@ class ProgressiveOrthoParams(SAEStudyParams):
         require_positive(self, "d_sae", "epochs", "lr", "dead_after_tokens", "static_tau")
         require_positive(self, "core_eval_texts", "probing_train_per_class")
         require_positive(self, "probing_test_per_class")
-        require_non_negative(self, "auxk_alpha", "static_weight")
+        require_non_negative(self, "checkpoint_every", "auxk_alpha", "static_weight")
         require_fraction(self, "val_fraction")
         if not 1 <= self.k <= self.d_sae:
             raise ParamsError(f"k={self.k} must lie in 1..d_sae={self.d_sae}")

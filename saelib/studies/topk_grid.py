@@ -78,7 +78,7 @@ class TopKGridParams(SAEStudyParams):
         """Impossible values stop here, before any compute."""
         require_positive(self, "max_tokens", "context_length", "harvest_batch_size", "batch_size")
         require_positive(self, "epochs", "lr", "dead_after_tokens")
-        require_non_negative(self, "auxk_alpha")
+        require_non_negative(self, "checkpoint_every", "auxk_alpha")
         require_fraction(self, "val_fraction")
         require_non_empty(self, "k_values", "latent_dims", "seeds")
         require_all_positive(self, "k_values", "latent_dims")
