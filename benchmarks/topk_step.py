@@ -80,8 +80,9 @@ class DenseTopKSAE(nn.Module):
         self.decoder.bias.copy_(sae.b_dec)
 
 
-def mse(x: Tensor, recon: Tensor) -> Tensor:
-    return (recon.float() - x.float()).pow(2).mean()
+def l2(x: Tensor, recon: Tensor) -> Tensor:
+    """TopKLoss's default reconstruction term: summed over d_in, averaged over the batch."""
+    return (recon.float() - x.float()).pow(2).sum(dim=-1).mean()
 
 
 def autocast(device: torch.device) -> AbstractContextManager:
@@ -105,7 +106,7 @@ def saelib_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> No
 
 def dense_step(model: DenseTopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
     with autocast(x.device):
-        total = mse(x, model(x))
+        total = l2(x, model(x))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     model.remove_parallel_decoder_grad()
