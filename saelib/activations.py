@@ -6,30 +6,58 @@ special tokens), and stores it as safetensors shards under a folder named by a h
 everything that determines the result. A second request with the same config reads the shards
 and runs no forward pass.
 
+The cache is checked and shared safely:
+
+- ``meta.json`` records each shard's size and sha256; a load checks every shard before reading
+  it. A cache that fails the check is rebuilt with a warning naming it (``on_corrupt="rebuild"``)
+  or raises :class:`CorruptCacheError` (``on_corrupt="error"``).
+- A harvest writes into a private staging folder ``<key>.partial-<pid>-<random>`` and claims the
+  final ``<key>`` folder with one rename, so a final folder is never half-written.
+- An exclusive lock on ``<key>.lock`` is held around "check, harvest, rename": a second process
+  asking for the same key waits, then reads the first one's cache instead of redoing it.
+
 Each vector keeps where it came from (document index, position, token id), so later tools can
 show the context a latent fires in.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from saelib import assets
 from saelib.data import Document, load_documents
+from saelib.io import write_bytes, write_json
 
 Positions = Literal["all", "last", "answer"]
-CACHE_FORMAT = 1
+OnCorrupt = Literal["rebuild", "error"]
+CACHE_FORMAT = 2  # 2: meta.json records each shard's size and sha256
+COLUMNS = ("acts", "doc_index", "position", "token_id")
+META = "meta.json"
 Tensor = torch.Tensor
+
+
+class CorruptCacheError(ValueError):
+    """A cache folder whose files do not match its meta.json."""
+
+    def __init__(self, folder: Path, file: str, problem: str):
+        super().__init__(f"corrupt activation cache {folder}: {file} {problem}")
+        self.folder, self.file = folder, file
 
 
 @dataclass(frozen=True)
@@ -103,19 +131,76 @@ def cache_root() -> Path:
 
 
 def harvest(
-    config: HarvestConfig, progress: bool = True, cache_dir: Path | None = None
+    config: HarvestConfig,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    on_corrupt: OnCorrupt = "rebuild",
 ) -> ActivationSet:
-    """Return the activations for ``config``, from the cache (default :func:`cache_root`)."""
-    folder = (cache_dir or cache_root()) / config.cache_key()
-    if (folder / "meta.json").exists():
-        return _load(folder, config)
-    return _harvest_to_cache(config, folder, progress)
+    """Return the activations for ``config``, from the cache (default :func:`cache_root`).
+
+    A cache that fails its size and checksum check is removed and harvested again with a warning
+    (``on_corrupt="rebuild"``), or raises :class:`CorruptCacheError` (``on_corrupt="error"``).
+    """
+    if on_corrupt not in ("rebuild", "error"):
+        raise ValueError(f"on_corrupt must be 'rebuild' or 'error', got {on_corrupt!r}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    folder = root / config.cache_key()
+    try:  # without the lock: a final folder only ever appears whole
+        cached = _load_if_present(folder, config)
+    except CorruptCacheError:
+        cached = None  # checked again under the lock, where no other process is changing it
+    if cached is not None:
+        return cached
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f"{folder.name}.lock"):
+        cached = _load_or_discard(folder, config, on_corrupt)  # another process may have built it
+        if cached is not None:
+            return cached
+        # only the lock holder writes this key's staging folders: any found are from a killed run
+        for leftover in root.glob(f"{folder.name}.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return _harvest_to_cache(config, folder, progress)
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``. The file is never deleted, so every process locks the
+    same inode."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_if_present(folder: Path, config: HarvestConfig) -> ActivationSet | None:
+    return _load(folder, config) if folder.exists() else None
+
+
+def _load_or_discard(
+    folder: Path, config: HarvestConfig, on_corrupt: OnCorrupt
+) -> ActivationSet | None:
+    """The cache in ``folder``, or None when there is none or it was corrupt and is now removed.
+    Called with the key's lock held."""
+    try:
+        return _load_if_present(folder, config)
+    except CorruptCacheError as error:
+        if on_corrupt == "error":
+            raise
+        warnings.warn(f"{error}; removing it and harvesting again", stacklevel=3)
+        shutil.rmtree(folder)
+        return None
 
 
 def _load(folder: Path, config: HarvestConfig) -> ActivationSet:
-    meta = json.loads((folder / "meta.json").read_text())
-    parts = [load_file(folder / name) for name in meta["shards"]]
-    columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    """The cache in ``folder``, each shard checked against meta.json before it is parsed."""
+    meta = _read_meta(folder)
+    parts = [_read_shard(folder, entry) for entry in meta["shards"]]
+    columns = {key: torch.cat([part[key] for part in parts]) for key in COLUMNS}
+    if len(columns["acts"]) != meta["n_vectors"]:
+        problem = f"records {meta['n_vectors']} vectors, the shards hold {len(columns['acts'])}"
+        raise CorruptCacheError(folder, META, problem)
     return ActivationSet(
         acts=columns["acts"],
         doc_index=columns["doc_index"],
@@ -128,7 +213,67 @@ def _load(folder: Path, config: HarvestConfig) -> ActivationSet:
     )
 
 
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / META).read_text())
+        shards = meta["shards"]
+        valid = isinstance(meta["n_vectors"], int) and len(shards) > 0
+        valid = valid and all(_valid_shard_entry(entry) for entry in shards)
+    except FileNotFoundError:
+        raise CorruptCacheError(folder, META, "is missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"is unreadable ({type(error).__name__}: {error})"
+        raise CorruptCacheError(folder, META, problem) from None
+    if not valid:
+        raise CorruptCacheError(folder, META, "does not list its shards' names, sizes and sha256")
+    return meta
+
+
+def _valid_shard_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and Path(entry["name"]).name == entry["name"]  # a plain file name inside the folder
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
+    """Check a shard's size and sha256 against meta.json, then read it."""
+    name = entry["name"]
+    path = folder / name
+    try:
+        size = path.stat().st_size
+        digest = _sha256(path) if size == entry["bytes"] else None
+    except FileNotFoundError:
+        raise CorruptCacheError(folder, name, "is missing") from None
+    except OSError as error:
+        raise CorruptCacheError(folder, name, f"is unreadable ({error.strerror})") from None
+    if size != entry["bytes"]:
+        raise CorruptCacheError(folder, name, f"has {size} bytes, {META} records {entry['bytes']}")
+    if digest != entry["sha256"]:
+        raise CorruptCacheError(folder, name, f"does not match its sha256 in {META}")
+    try:
+        columns = load_file(path)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as error:
+        problem = f"is not a readable safetensors file ({type(error).__name__})"
+        raise CorruptCacheError(folder, name, problem) from None
+    if sorted(columns) != sorted(COLUMNS):
+        raise CorruptCacheError(folder, name, f"holds {sorted(columns)}, not {list(COLUMNS)}")
+    return columns
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> ActivationSet:
+    """Harvest into a private staging folder, then claim ``folder`` with one rename.
+
+    The caller holds the key's lock, so ``folder`` does not exist and nobody else writes it.
+    """
     from saelib.lm import load_lm
 
     lm = load_lm(config.model)
@@ -138,9 +283,32 @@ def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> Ac
         raise ValueError(
             f"positions='answer' needs question/answer documents; {config.dataset!r} has none"
         )
-    shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted harvest
-    folder.mkdir(parents=True)
-    writer = _ShardWriter(folder, config.shard_size)
+    staging = _new_staging_folder(folder)
+    try:
+        meta = _harvest_into(staging, lm, documents, config, progress)
+        write_json(staging / META, meta)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = _load(folder, config)
+    result.from_cache = False
+    return result
+
+
+def _new_staging_folder(folder: Path) -> Path:
+    """Create a uniquely named, empty folder beside ``folder`` (pid and random suffix; mkdir
+    fails rather than share one)."""
+    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()
+    return staging
+
+
+def _harvest_into(
+    staging: Path, lm, documents: list[Document], config: HarvestConfig, progress: bool
+) -> dict:
+    """Write the shards into ``staging``; return the meta.json content describing them."""
+    writer = _ShardWriter(staging, config.shard_size)
     collected = 0
     bar = tqdm(total=config.max_tokens, desc=f"harvest layer {config.layer}", disable=not progress)
     for start in range(0, len(documents), config.batch_size):
@@ -154,21 +322,15 @@ def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> Ac
             break
     bar.close()
     if collected == 0:
-        shutil.rmtree(folder)
         raise ValueError(f"no tokens matched positions={config.positions!r} in {config.dataset!r}")
-    shards = writer.close()
-    meta = {
+    return {
         "config": asdict(config),
         "cache_key": config.cache_key(),
         "n_vectors": collected,
         "n_documents_read": min(start + config.batch_size, len(documents)),
         "d_model": lm.d_model,
-        "shards": shards,
+        "shards": writer.close(),
     }
-    _write_json_atomically(folder / "meta.json", meta)  # written last: marks the cache complete
-    result = _load(folder, config)
-    result.from_cache = False
-    return result
 
 
 def residuals_for_texts(
@@ -255,13 +417,14 @@ def _position_mask(encoded, batch: list[Document], positions: Positions) -> torc
 
 
 class _ShardWriter:
-    """Buffers columns and writes fixed-size safetensors shards, each via temp file + rename."""
+    """Buffers columns and writes fixed-size safetensors shards, recording each one's name, size
+    and sha256 for meta.json."""
 
     def __init__(self, folder: Path, shard_size: int):
         self.folder, self.shard_size = folder, shard_size
         self.pending: list[dict] = []
         self.pending_rows = 0
-        self.names: list[str] = []
+        self.shards: list[dict] = []
 
     def add(self, columns: dict) -> None:
         self.pending.append(columns)
@@ -272,27 +435,21 @@ class _ShardWriter:
             rest = {key: value[self.shard_size :] for key, value in merged.items()}
             self.pending, self.pending_rows = [rest], len(rest["acts"])
 
-    def close(self) -> list[str]:
+    def close(self) -> list[dict]:
         if self.pending_rows:
             self._write(self._merge())
-        return self.names
+        return self.shards
 
     def _merge(self) -> dict:
         keys = self.pending[0].keys()
         return {key: torch.cat([part[key] for part in self.pending]).contiguous() for key in keys}
 
     def _write(self, columns: dict) -> None:
-        name = f"shard_{len(self.names):05d}.safetensors"
-        temporary = self.folder / (name + ".tmp")
-        save_file(columns, str(temporary))
-        os.replace(temporary, self.folder / name)
-        self.names.append(name)
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        data = save(columns)
+        write_bytes(self.folder / name, data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.shards.append({"name": name, "bytes": len(data), "sha256": sha256})
 
 
 def _fingerprint(source: str) -> str:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from saelib.activations import HarvestConfig, harvest
+from saelib.activations import CorruptCacheError, HarvestConfig, _new_staging_folder, harvest
 from saelib.data import load_documents
 from saelib.lm import load_lm
 
@@ -55,6 +66,9 @@ def test_second_request_reads_the_cache_without_a_forward_pass(lm, tmp_path):
     assert torch.equal(first.acts, second.acts) and torch.equal(first.doc_index, second.doc_index)
     assert len(first) == TINY.max_tokens
     assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+    [shard] = first.meta["shards"]
+    data = (first.path / shard["name"]).read_bytes()
+    assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_activations_equal_the_models_hidden_states(lm, tmp_path):
@@ -93,7 +107,8 @@ def test_last_position_gives_one_vector_per_document(tmp_path):
 def test_layer_out_of_range_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="layer 30 is out of range"):
         harvest(HarvestConfig(layer=30, max_tokens=10), progress=False, cache_dir=tmp_path)
-    assert not any(tmp_path.iterdir()), "a failed request left files in the cache"
+    left = list(tmp_path.iterdir())
+    assert all(path.suffix == ".lock" and path.stat().st_size == 0 for path in left), left
 
 
 def test_split_by_document_keeps_documents_whole(tmp_path):
@@ -102,3 +117,177 @@ def test_split_by_document_keeps_documents_whole(tmp_path):
     assert len(train) + len(val) == len(acts)
     shared = set(acts.doc_index[train].tolist()) & set(acts.doc_index[val].tolist())
     assert not shared
+
+
+# --- cache integrity and concurrent harvests ------------------------------------------------
+
+SHARDED = dataclasses.replace(TINY, shard_size=50)  # 120 vectors in three shards
+MIDDLE_SHARD = "shard_00001.safetensors"
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return harvest(SHARDED, progress=False, cache_dir=tmp_path_factory.mktemp("original"))
+
+
+@pytest.fixture
+def cached(original, tmp_path) -> Path:
+    """A fresh copy of the original cache folder, to corrupt."""
+    folder = tmp_path / original.path.name
+    shutil.copytree(original.path, folder)
+    return folder
+
+
+def flip_tensor_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    begin = 8 + header_length + header["acts"]["data_offsets"][0] + 400
+    data[begin : begin + 16] = bytes(byte ^ 0x5A for byte in data[begin : begin + 16])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))  # same size: only the checksum tells
+
+
+def garbage_json(path: Path) -> None:
+    path.write_text('{"shards": [not json')
+
+
+CORRUPTIONS = [
+    (flip_tensor_bytes, MIDDLE_SHARD),
+    (truncate, MIDDLE_SHARD),
+    (garbage, MIDDLE_SHARD),
+    (Path.unlink, MIDDLE_SHARD),
+    (garbage_json, "meta.json"),
+]
+
+
+def assert_same_activations(actual, expected) -> None:
+    for column in ("acts", "doc_index", "position", "token_id"):
+        assert torch.equal(getattr(actual, column), getattr(expected, column)), column
+
+
+def test_flipped_tensor_bytes_still_parse_as_safetensors(original, cached):
+    """Why checksums are needed: the format itself does not notice changed tensor data."""
+    flip_tensor_bytes(cached / MIDDLE_SHARD)
+    changed = load_file(cached / MIDDLE_SHARD)["acts"]
+    assert not torch.equal(changed, original.acts[50:100])
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "bad_file"), CORRUPTIONS, ids=[c.__name__ for c, _ in CORRUPTIONS]
+)
+def test_a_corrupt_cache_is_named_and_rebuilt(
+    original, cached: Path, corrupt: Callable[[Path], None], bad_file: str
+):
+    corrupt(cached / bad_file)
+    with pytest.raises(CorruptCacheError) as raised:
+        harvest(SHARDED, progress=False, cache_dir=cached.parent, on_corrupt="error")
+    message = str(raised.value)
+    assert str(cached) in message and bad_file in message and "\n" not in message
+    assert cached.is_dir(), "on_corrupt='error' removed the folder it reports"
+
+    with pytest.warns(UserWarning) as caught:
+        rebuilt = harvest(SHARDED, progress=False, cache_dir=cached.parent)
+    [warning] = [str(w.message) for w in caught if "corrupt activation cache" in str(w.message)]
+    assert str(cached) in warning and bad_file in warning
+    assert not rebuilt.from_cache and rebuilt.path == cached
+    assert_same_activations(rebuilt, original)
+
+    again = harvest(SHARDED, progress=False, cache_dir=cached.parent, on_corrupt="error")
+    assert again.from_cache
+    assert_same_activations(again, original)
+
+
+def test_on_corrupt_must_be_rebuild_or_error(tmp_path):
+    with pytest.raises(ValueError, match="on_corrupt must be"):
+        harvest(TINY, progress=False, cache_dir=tmp_path, on_corrupt="ignore")
+
+
+def test_a_failed_harvest_leaves_neither_a_final_nor_a_staging_folder(lm, tmp_path):
+    def fail(module, inputs, output):
+        raise RuntimeError("interrupted")
+
+    handle = lm.hf_model.model.layers[0].register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            harvest(TINY, progress=False, cache_dir=tmp_path)
+    finally:
+        handle.remove()
+    assert [path.name for path in tmp_path.iterdir()] == [f"{TINY.cache_key()}.lock"]
+
+
+def test_staging_folders_are_unique_per_call_and_process(tmp_path):
+    final = tmp_path / "somekey"
+    first, second = _new_staging_folder(final), _new_staging_folder(final)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.name.startswith(f"somekey.partial-{os.getpid()}-")
+    assert not final.exists()
+
+
+def test_leftover_staging_folders_of_a_killed_harvest_are_removed(original, tmp_path):
+    leftover = tmp_path / f"{SHARDED.cache_key()}.partial-999999-deadbeef"
+    leftover.mkdir()
+    (leftover / MIDDLE_SHARD).write_bytes(b"half written")
+    acts = harvest(SHARDED, progress=False, cache_dir=tmp_path)
+    assert not leftover.exists()
+    assert_same_activations(acts, original)
+
+
+def _harvest_in_child(cache_dir: str, ready, go, out: str) -> None:
+    """Runs in a spawned process: load the model, wait for the parent's signal, harvest TINY."""
+    lm = load_lm("smollm2-135m")
+    counter = ForwardCounter(lm)
+    ready.set()
+    go.wait(timeout=300)
+    cache_was_complete = (Path(cache_dir) / TINY.cache_key() / "meta.json").exists()
+    result = harvest(TINY, progress=False, cache_dir=Path(cache_dir))
+    torch.save(
+        {
+            "acts": result.acts,
+            "from_cache": result.from_cache,
+            "forward_calls": counter.calls,
+            "cache_was_complete": cache_was_complete,
+        },
+        out,
+    )
+
+
+def test_concurrent_harvests_of_one_key_run_one_forward_pass(lm, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "child.pt"
+    context = multiprocessing.get_context("spawn")
+    ready, go = context.Event(), context.Event()
+    child = context.Process(target=_harvest_in_child, args=(str(cache_dir), ready, go, str(out)))
+    child.start()
+
+    def release_child_mid_harvest(module, inputs, output):
+        if not go.is_set():
+            go.set()
+            time.sleep(1.0)  # the child asks for the same key while this harvest is under way
+
+    counter = ForwardCounter(lm)
+    release = lm.hf_model.model.layers[0].register_forward_hook(release_child_mid_harvest)
+    try:
+        assert ready.wait(timeout=300), "the child process did not load the model"
+        ours = harvest(TINY, progress=False, cache_dir=cache_dir)
+    finally:
+        release.remove()
+        counter.handle.remove()
+        child.join(timeout=300)
+    assert child.exitcode == 0
+    theirs = torch.load(out)
+    assert not theirs["cache_was_complete"], "the child started after the cache was complete"
+    assert counter.calls > 0 and not ours.from_cache
+    assert theirs["forward_calls"] == 0 and theirs["from_cache"]
+    assert torch.equal(ours.acts, theirs["acts"])
+    key = TINY.cache_key()
+    assert sorted(path.name for path in cache_dir.iterdir()) == [key, f"{key}.lock"]
+    reread = harvest(TINY, progress=False, cache_dir=cache_dir, on_corrupt="error")
+    assert reread.from_cache
+    assert_same_activations(reread, ours)
