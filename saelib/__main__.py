@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True)
 
     run = commands.add_parser("run", help="run a study notebook with papermill")
-    run.add_argument("study", help="a study name, or 'all'")
+    run.add_argument("study", nargs="?", help="a study name, or 'all' (optional with --resume)")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="re-execute a failed or interrupted run in its folder, with its params.yaml",
+    )  # fmt: skip
     run.add_argument("-f", "--params-file", help="YAML params (default: params/<study>.yaml)")
     run.add_argument(
         "-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -47,22 +51,52 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from saelib.runner import get_study, run_study
+    from saelib.runner import RunInterrupted, get_study, run_study
     from saelib.studies import STUDIES
 
+    if args.resume:
+        return _resume(args)
+    if args.study is None:
+        raise ParamsError("give a study name (or 'all'), or --resume RUN_DIR")
     overrides = {key: parse_override(value, key) for key, value in args.param}
     names = sorted(STUDIES) if args.study == "all" else [args.study]
     if args.study == "all" and (args.params_file or overrides):
         raise ParamsError("'run all' uses each study's default params; -f and -p need one study")
     for name in names:
         get_study(name)
-    folders = []
     for name in names:
-        folder = run_study(name, args.params_file, overrides)
-        folders.append(folder)
-        print(f"{name}: outputs in {folder}")
-        print(f"  notebook {folder / (name + '.ipynb')}\n  html     {folder / (name + '.html')}")
+        try:
+            folder = run_study(name, args.params_file, overrides)
+        except RunInterrupted as stop:
+            return _interrupted(name, stop)
+        _print_outputs(name, folder, "outputs in")
     return 0
+
+
+def _resume(args) -> int:
+    from saelib.runner import RunInterrupted, read_status, resume_run
+
+    if args.params_file or args.param:
+        raise ParamsError("--resume reuses the run's params.yaml; -f and -p cannot go with it")
+    if args.study == "all":
+        raise ParamsError("--resume resumes one run; leave out the study or name the run's")
+    try:
+        folder = resume_run(args.resume, args.study)
+    except RunInterrupted as stop:
+        return _interrupted(read_status(stop.run_dir)["study"], stop)
+    _print_outputs(read_status(folder)["study"], folder, "resumed; outputs in")
+    return 0
+
+
+def _interrupted(name: str, stop) -> int:
+    command = f"python -m saelib run --resume {stop.run_dir}"
+    print(f"{name}: interrupted ({stop.reason}); resume with: {command}", file=sys.stderr)
+    return 130
+
+
+def _print_outputs(name: str, folder: Path, what: str) -> None:
+    print(f"{name}: {what} {folder}")
+    print(f"  notebook {folder / (name + '.ipynb')}\n  html     {folder / (name + '.html')}")
 
 
 def _fetch(args) -> int:

@@ -1,10 +1,13 @@
 """An index page of every study run in ``outputs/``: ``python -m saelib report``.
 
 Per study, a table of its runs (newest first): the run id and start time, its status, relative
-links to the HTML render, executed notebook and params, a few key params and headline metrics
-read from the run's metrics JSON. A run folder without its HTML render or metrics is shown as
-incomplete or failed; a malformed file shows as an error cell, never as a crash. The page is
-self-contained (inline CSS, no scripts) and written atomically.
+links to the files that exist (HTML render, executed notebook, params, metrics), a few key params
+and headline metrics read from the run's metrics JSON. The status comes from the run's
+``status.json`` (running, complete, failed with its error, interrupted; a running run whose
+process is gone reads as interrupted); a run folder older than status.json is judged by its
+files: incomplete without its HTML render, failed without its metrics. A malformed file shows as
+an error cell, never as a crash. The page is self-contained (inline CSS, no scripts) and written
+atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from urllib.parse import quote
 
 import yaml
 
+from saelib.runner import RunError, read_status
+
 METRICS_FILES = {
     "topk_grid": "grid_metrics.json",
     "progressive_orthogonality": "ortho_metrics.json",
@@ -36,10 +41,12 @@ KEY_PARAMS = {
 }  # fmt: skip
 N_GENERIC = 6  # params / numbers shown for a study this module does not know
 STATUS_NOTES = {
+    "running": "the run's process is alive",
     "complete": "notebook executed, metrics written",
+    "interrupted": "stopped before the end; resume with python -m saelib run --resume <folder>",
     "incomplete": "no HTML render yet: the run is still going or was interrupted",
-    "failed": "the notebook stopped before writing its metrics",
-    "error": "a metrics or params file could not be read",
+    "failed": "the run stopped with an error (a run without status.json: before its metrics)",
+    "error": "a status, metrics or params file could not be read",
 }
 
 
@@ -60,6 +67,8 @@ class RunInfo:
     metrics: dict[str, Metric] = field(default_factory=dict)
     params_error: str | None = None
     metrics_error: str | None = None
+    state: dict[str, Any] | None = None  # status.json; None for a run older than it
+    status_error: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -71,11 +80,38 @@ class RunInfo:
 
     @property
     def status(self) -> str:
+        if self.status_error:
+            return "error"
+        if self.state is not None and self.state["status"] != "complete":
+            return self.state["status"]
         if self.params_error or self.metrics_error:
             return "error"
-        if self.html is None:
+        if self.state is not None:
+            return "complete"
+        if self.html is None:  # a run older than status.json: judged by its files
             return "incomplete"
         return "complete" if self.metrics_file is not None else "failed"
+
+    @property
+    def status_detail(self) -> str:
+        """What the status holds beyond its name: the error, the interruption, the process."""
+        state = self.state or {}
+        if self.status_error:
+            return self.status_error
+        if self.status == "failed" and state.get("error_type"):
+            error = ": ".join(
+                str(text) for text in (state["error_type"], state.get("error")) if text
+            )
+            if state.get("stage") == "html":
+                return f"rendering the HTML: {error}"
+            if state.get("html_error"):
+                return f"{error} (and the HTML render: {state['html_error']})"
+            return error
+        if self.status == "interrupted":
+            return str(state.get("reason", ""))
+        if self.status == "running":
+            return f"pid {state.get('pid')} on {state.get('host')}"
+        return ""
 
 
 # -------------------------------------------------------------------------------------- scan
@@ -105,6 +141,10 @@ def _subfolders(folder: Path, newest_first: bool = False) -> list[Path]:
 def read_run(study: str, folder: Path) -> RunInfo:
     """What one run folder holds; unreadable files become error messages, never exceptions."""
     run = RunInfo(study, folder)
+    try:
+        run.state = read_status(folder)
+    except RunError as error:
+        run.status_error = str(error)
     run.html = _existing(folder / f"{study}.html") or _first(folder, "*.html")
     run.notebook = _existing(folder / f"{study}.ipynb") or _first(folder, "*.ipynb")
     run.params_file = _existing(folder / "params.yaml")
@@ -296,7 +336,9 @@ td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
 .run{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:nowrap}
 .time{color:#57606a;white-space:nowrap}
 .status{font-weight:600;white-space:nowrap}
-.complete{color:#116329}.incomplete{color:#9a6700}.failed,.error{color:#b42318}
+.complete{color:#116329}.incomplete,.interrupted{color:#9a6700}.failed,.error{color:#b42318}
+.running{color:#0969da}
+.why{display:block;font-weight:400;white-space:normal;color:#57606a;font-size:12px}
 td.err{background:#fff1f0;color:#b42318}
 .params{font-size:12px;color:#57606a}
 .params b{color:#1f2328;font-weight:600}
@@ -368,8 +410,19 @@ def _run_row(run: RunInfo, columns: list[str], base: Path) -> str:
 
 def _status_cell(run: RunInfo) -> str:
     status = run.status
-    note = html.escape(STATUS_NOTES[status])
-    return f'<td><span class="status {status}" title="{note}">{status}</span></td>'
+    note = html.escape(_status_note(run))
+    detail = html.escape(run.status_detail)
+    why = f'<span class="why">{detail}</span>' if detail else ""
+    return f'<td><span class="status {status}" title="{note}">{status}</span>{why}</td>'
+
+
+def _status_note(run: RunInfo) -> str:
+    note = STATUS_NOTES[run.status]
+    if run.state is None:
+        return note
+    times = [f"{key} {run.state[key]}" for key in ("started", "resumed", "updated", "finished")
+             if run.state.get(key)]  # fmt: skip
+    return "\n".join([note, *times])
 
 
 def _links(run: RunInfo, base: Path) -> str:

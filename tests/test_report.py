@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,46 @@ def test_cli_writes_the_index(outputs, tmp_path, capsys):
     assert f'href="../outputs/topk_grid/{GRID_OK}/topk_grid.html"' in page
     assert str(out) in capsys.readouterr().out
     assert main(["report", "--outputs", str(tmp_path / "missing")]) == 2
+
+
+def _status(folder: Path, **state) -> None:
+    (folder / "status.json").write_text(json.dumps({"study": GRID, **state}))
+
+
+def test_status_comes_from_status_json(tmp_path):
+    root, grid = tmp_path / "outputs", {"model": "smollm2-135m"}
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    here = {"status": "running", "host": socket.gethostname()}
+    runs = {
+        "20260101-000000-0001": {"status": "complete", "finished": "2026-01-01T01:00:00+00:00"},
+        "20260101-000000-0002": here | {"pid": os.getpid()},
+        "20260101-000000-0003": here | {"pid": finished.pid},  # killed: its process is gone
+        "20260101-000000-0004": {"status": "failed", "error_type": "ValueError",
+                                 "error": "boom <b>", "stage": "notebook"},
+        "20260101-000000-0005": {"status": "interrupted", "reason": "SIGTERM"},
+        "20260101-000000-0006": {"status": "failed", "error_type": "OSError",
+                                 "error": "[Errno 28] No space left on device", "stage": "html"},
+        "20260101-000000-0008": {"status": "failed", "error_type": "KeyError", "error": "'k'",
+                                 "stage": "notebook", "html_error": "OSError: disk full"},
+    }  # fmt: skip
+    for run_id, state in runs.items():
+        _status(_run(root, GRID, run_id, grid, topk_grid__ipynb="{}"), **state)
+    (root / GRID / "20260101-000000-0001" / "grid_metrics.json").write_text(
+        json.dumps(_grid_metrics())
+    )
+    _run(root, GRID, "20260101-000000-0007", grid, status__json="{truncated")
+    page = build_index(root).read_text()
+    expected = {
+        "0001": ("complete", ""), "0002": ("running", f"pid {os.getpid()} on"),
+        "0003": ("interrupted", "its process is gone"),
+        "0004": ("failed", "ValueError: boom &lt;b&gt;"), "0005": ("interrupted", "SIGTERM"),
+        "0006": ("failed", "rendering the HTML: OSError: [Errno 28] No space left on device"),
+        "0007": ("error", "status.json is unreadable"),
+        "0008": ("failed", "KeyError: &#x27;k&#x27; (and the HTML render: OSError: disk full)"),
+    }  # fmt: skip
+    for suffix, (status, detail) in expected.items():
+        row = _row(page, f"20260101-000000-{suffix}")
+        assert f'<span class="status {status}"' in row and detail in row, row
+        assert "topk_grid.html" not in row  # no HTML file, no link, even for a complete run
+    assert "0.810 (K=100" in _row(page, "20260101-000000-0001")

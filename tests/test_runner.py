@@ -1,16 +1,30 @@
-"""The grid notebook executed by papermill on the real embedded model and data."""
+"""The study notebooks executed by papermill on the real embedded model and data; the runner's
+status.json, atomic outputs and resume, on a tiny notebook also executed by papermill."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
+from papermill.exceptions import PapermillExecutionError
 
-from saelib.runner import new_run_dir, run_study
+from saelib import runner
+from saelib.__main__ import main
+from saelib.runner import new_run_dir, read_status, resume_run, run_study
 from saelib.saes import load_sae
-from saelib.studies import STUDIES
+from saelib.studies import STUDIES, Study
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +105,300 @@ def test_progressive_orthogonality_smoke_run(tmp_path):
     separation = json.loads((run_dir / "feature_separation.json").read_text())
     progress_points = [snap["progress"] for snap in separation["snapshots"]["run1_s0"]]
     assert progress_points == [0.25, 0.5, 0.75, 1.0]
+
+
+# ------------------------------------------------------------------ status, atomicity, resume
+# A tiny study (a two-cell notebook, no model) executed by real papermill: it records the
+# status.json it sees, counts its attempts, waits ``wait`` seconds (or until a ``release`` file
+# appears) and fails on request: ``fail`` = "always", or "first" (the first attempt only).
+
+TINY_CELL = """\
+import json, pathlib, time
+run_dir = pathlib.Path(output_dir)
+with open(run_dir / "attempts.txt", "a") as file:
+    file.write("attempt\\n")
+attempt = len((run_dir / "attempts.txt").read_text().split())
+(run_dir / "seen_status.json").write_text((run_dir / "status.json").read_text())
+deadline = time.time() + wait
+while time.time() < deadline and not (run_dir / "release").exists():
+    time.sleep(0.05)
+if fail == "always" or (fail == "first" and attempt == 1):
+    raise ValueError("boom\\nsecond line")
+(run_dir / "metrics.json").write_text(json.dumps({"attempt": attempt}))
+"""
+KERNELSPEC = {"name": "python3", "language": "python", "display_name": "Python 3"}
+
+
+@dataclasses.dataclass
+class TinyParams:
+    wait: float = 0.0
+    fail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyStudy(Study):
+    folder: Path = Path()
+
+    @property
+    def notebook(self) -> Path:
+        return self.folder / "tiny.ipynb"
+
+    @property
+    def default_params(self) -> Path:
+        return self.folder / "tiny.yaml"
+
+
+def make_tiny_study(folder: Path) -> TinyStudy:
+    """Write the tiny study's notebook and default params into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = nbformat.v4.new_code_cell('wait = 0.0\nfail = ""\noutput_dir = None')
+    parameters.metadata["tags"] = ["parameters"]
+    metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    notebook = nbformat.v4.new_notebook(metadata=metadata)
+    notebook.cells = [parameters, nbformat.v4.new_code_cell(TINY_CELL)]
+    nbformat.write(notebook, folder / "tiny.ipynb")
+    (folder / "tiny.yaml").write_text("wait: 0.0\nfail: ''\n")
+    return TinyStudy("tiny", TinyParams, folder)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch) -> TinyStudy:
+    study = make_tiny_study(tmp_path / "study")
+    monkeypatch.setitem(STUDIES, "tiny", study)
+    return study
+
+
+def _tiny_run(tmp_path: Path, **overrides) -> Path:
+    return run_study("tiny", overrides=overrides, outputs=tmp_path / "outputs", progress=False)
+
+
+def _only_run(tmp_path: Path) -> Path:
+    (folder,) = (tmp_path / "outputs" / "tiny").iterdir()
+    return folder
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not list(folder.glob(".*.tmp"))
+
+
+def _status_file(folder: Path) -> dict:
+    return json.loads((folder / "status.json").read_text())
+
+
+def _disk_full_for(monkeypatch, name: str) -> None:
+    """Writes of ``name`` stop half-way with ENOSPC, as on a full disk."""
+    original = Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if self.name.startswith(f".{name}."):  # saelib.io's temporary file for ``name``
+            original(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def test_complete_run_status_goes_from_running_to_complete(tiny, tmp_path):
+    run_dir = _tiny_run(tmp_path)
+    seen = json.loads((run_dir / "seen_status.json").read_text())
+    assert seen["status"] == "running" and seen["study"] == "tiny"
+    assert (seen["pid"], seen["host"]) == (os.getpid(), socket.gethostname())
+    assert seen["started"] == seen["updated"]
+    final = read_status(run_dir)
+    assert final == _status_file(run_dir)
+    assert final["status"] == "complete" and final["finished"]
+    assert final["started"] == seen["started"]
+    assert "error" not in final
+    assert yaml.safe_load((run_dir / "params.yaml").read_text()) == {"wait": 0.0, "fail": ""}
+    assert (run_dir / "tiny.html").exists() and _no_temporaries(run_dir)
+    executed = nbformat.read(run_dir / "tiny.ipynb", as_version=4)
+    assert f'output_dir = "{run_dir}"' in executed.cells[1].source  # the injected parameters
+
+
+def test_failed_run_reports_the_first_error(tiny, tmp_path):
+    with pytest.raises(PapermillExecutionError) as raised:
+        _tiny_run(tmp_path, fail="always")
+    assert raised.value.ename == "ValueError"
+    run_dir = _only_run(tmp_path)
+    assert any(str(run_dir) in note for note in raised.value.__notes__)
+    status = read_status(run_dir)
+    assert status["status"] == "failed" and status["stage"] == "notebook"
+    assert (status["error_type"], status["error"]) == ("ValueError", "boom")  # its first line
+    assert "boom" in (run_dir / "tiny.html").read_text()  # rendered up to the failing cell
+
+
+def test_a_failed_render_after_a_failed_run_keeps_the_original_error(tiny, tmp_path, monkeypatch):
+    _disk_full_for(monkeypatch, "tiny.html")
+    with pytest.raises(PapermillExecutionError):  # not the render's OSError
+        _tiny_run(tmp_path, fail="always")
+    run_dir = _only_run(tmp_path)
+    assert not (run_dir / "tiny.html").exists() and _no_temporaries(run_dir)
+    status = read_status(run_dir)
+    assert (status["status"], status["error_type"], status["error"]) == (
+        "failed",
+        "ValueError",
+        "boom",
+    )
+    assert "No space left on device" in status["html_error"]
+
+
+def test_a_failed_render_after_the_notebook_fails_the_run(tiny, tmp_path, monkeypatch):
+    _disk_full_for(monkeypatch, "tiny.html")
+    with pytest.raises(OSError, match="No space left"):
+        _tiny_run(tmp_path)
+    run_dir = _only_run(tmp_path)
+    assert not (run_dir / "tiny.html").exists() and _no_temporaries(run_dir)
+    status = read_status(run_dir)
+    assert (status["status"], status["stage"], status["error_type"]) == (
+        "failed",
+        "html",
+        "OSError",
+    )
+    assert (run_dir / "metrics.json").exists()
+
+
+def test_params_yaml_is_written_atomically(tiny, tmp_path, monkeypatch):
+    _disk_full_for(monkeypatch, "params.yaml")
+    with pytest.raises(OSError, match="No space left"):
+        _tiny_run(tmp_path)
+    run_dir = _only_run(tmp_path)
+    assert not (run_dir / "params.yaml").exists() and _no_temporaries(run_dir)
+    assert read_status(run_dir)["status"] == "failed"
+    assert not (run_dir / "tiny.ipynb").exists()  # stopped before any compute
+
+
+SIGTERM_SCRIPT = """\
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+from test_runner import make_tiny_study
+
+from saelib import runner
+from saelib.__main__ import main
+from saelib.studies import STUDIES
+
+STUDIES["tiny"] = make_tiny_study(Path({folder!r}) / "study")
+runner.outputs_root = lambda: Path({folder!r}) / "outputs"
+sys.exit(main(["run", "tiny", "-p", "wait", "120"]))
+"""
+
+
+def test_sigterm_interrupts_the_run_and_resume_completes_it(tiny, tmp_path, capsys):
+    script = SIGTERM_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        seen = _wait_for(lambda: list(tmp_path.glob("outputs/tiny/*/seen_status.json")))
+        process.send_signal(signal.SIGTERM)  # while the notebook's cell runs
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    run_dir = seen[0].parent
+    assert process.returncode == 130
+    resume_hint = (
+        f"tiny: interrupted (SIGTERM); resume with: python -m saelib run --resume {run_dir}"
+    )
+    assert stderr.strip().splitlines()[-1] == resume_hint
+    status = read_status(run_dir)
+    assert (status["status"], status["reason"]) == ("interrupted", "SIGTERM")
+    nbformat.read(run_dir / "tiny.ipynb", as_version=4)  # saved whole
+    (run_dir / "release").touch()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert f"tiny: resumed; outputs in {run_dir}" in capsys.readouterr().out
+    status = read_status(run_dir)
+    assert (status["status"], status["attempts"], status["pid"]) == ("complete", 2, os.getpid())
+    assert status["started"] <= status["resumed"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"attempt": 2}
+    assert [path.name for path in run_dir.parent.iterdir()] == [run_dir.name]
+
+
+def _wait_for(found, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not (result := found()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return result
+
+
+def test_resume_reexecutes_a_failed_run_in_the_same_folder(tiny, tmp_path):
+    with pytest.raises(PapermillExecutionError):
+        _tiny_run(tmp_path, fail="first")
+    run_dir = _only_run(tmp_path)
+    assert read_status(run_dir)["status"] == "failed"
+    assert resume_run(run_dir, progress=False) == run_dir
+    status = read_status(run_dir)
+    assert status["status"] == "complete" and "error" not in status and status["attempts"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"attempt": 2}
+    assert json.loads((run_dir / "seen_status.json").read_text())["status"] == "running"
+    assert (run_dir / "tiny.html").exists() and _no_temporaries(run_dir)
+    assert list((tmp_path / "outputs" / "tiny").iterdir()) == [run_dir]
+
+
+def _fake_run(tmp_path: Path, run_id: str, **state) -> Path:
+    folder = tmp_path / "outputs" / "tiny" / run_id
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text("wait: 0.0\nfail: ''\n")
+    if state:
+        (folder / "status.json").write_text(json.dumps({"study": "tiny", **state}))
+    return folder
+
+
+def _refused(capsys, *argv: str) -> str:
+    assert main(["run", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return error
+
+
+def test_resume_refuses_a_run_that_is_complete_or_still_running(tiny, tmp_path, capsys):
+    here = {"pid": os.getpid(), "host": socket.gethostname()}
+    complete = _fake_run(tmp_path, "complete", status="complete")
+    live = _fake_run(tmp_path, "live", status="running", **here)
+    elsewhere = _fake_run(tmp_path, "elsewhere", status="running", pid=1, host="other-host")
+    assert "is complete" in _refused(capsys, "--resume", str(complete))
+    assert f"still running (pid {os.getpid()} on" in _refused(capsys, "--resume", str(live))
+    assert "still running (pid 1 on other-host)" in _refused(capsys, "--resume", str(elsewhere))
+    interrupted = _fake_run(tmp_path, "interrupted", status="interrupted", **here)
+    with runner._run_lock(interrupted):  # another process resuming it right now
+        assert "in use by another process" in _refused(capsys, "--resume", str(interrupted))
+    for folder in (complete, live, elsewhere, interrupted):
+        assert sorted(path.name for path in folder.iterdir()) == ["params.yaml", "status.json"]
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a run folder" in _refused(capsys, "--resume", str(empty))
+    assert "no such folder" in _refused(capsys, "--resume", str(tmp_path / "missing"))
+    stray = tmp_path / "elsewhere" / "run"
+    stray.mkdir(parents=True)
+    (stray / "params.yaml").write_text("wait: 0.0\n")
+    assert "not a run of a known study" in _refused(capsys, "--resume", str(stray))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "status.json").write_text("{truncated")
+    assert "status.json is unreadable" in _refused(capsys, "--resume", str(tmp_path / "bad"))
+
+
+def test_resume_refuses_params_and_other_studies(tiny, tmp_path, capsys):
+    failed = str(_fake_run(tmp_path, "failed", status="failed"))
+    assert "-f and -p" in _refused(capsys, "--resume", failed, "-p", "wait", "1")
+    assert "-f and -p" in _refused(capsys, "--resume", failed, "-f", str(tiny.default_params))
+    assert "a run of tiny, not of topk_grid" in _refused(capsys, "topk_grid", "--resume", failed)
+    assert "resumes one run" in _refused(capsys, "all", "--resume", failed)
+    assert "--resume RUN_DIR" in _refused(capsys)
+    assert read_status(failed)["status"] == "failed"
+
+
+def test_read_status_shows_a_dead_or_reused_pid_as_interrupted(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    here = {"study": "tiny", "status": "running", "host": socket.gethostname()}
+    (tmp_path / "status.json").write_text(json.dumps(here | {"pid": finished.pid}))
+    status = read_status(tmp_path)
+    assert status["status"] == "interrupted" and "process is gone" in status["reason"]
+    (tmp_path / "status.json").write_text(json.dumps(here | {"pid": os.getpid()}))
+    assert read_status(tmp_path)["status"] == "running"
+    reused = here | {"pid": os.getpid(), "pid_started": 1}  # another process's start time
+    (tmp_path / "status.json").write_text(json.dumps(reused))
+    assert read_status(tmp_path)["status"] == "interrupted"
+    assert read_status(tmp_path / "missing") is None  # a run older than status.json
