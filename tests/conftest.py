@@ -1,11 +1,17 @@
-"""Shared fixtures: tiny TopK SAEs and toy activation matrices, all seeded."""
+"""Shared fixtures: tiny TopK SAEs and toy activation matrices, all seeded; one smoke run of
+the TopK grid study for every test that reads a real run."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from saelib.runner import run_study
 from saelib.saes import TopKConfig, TopKSAE
+from saelib.studies import STUDIES
 
 
 @pytest.fixture
@@ -24,3 +30,17 @@ def toy_acts() -> torch.Tensor:
     """(1024, 16) activations with a non-zero mean, so the decoder bias matters."""
     generator = torch.Generator().manual_seed(123)
     return torch.randn(1024, 16, generator=generator) + 0.5
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small topk_grid run (real model and data, tiny grid) in a temp outputs folder.
+
+    ``SAELIB_TEST_SMOKE_RUN=<run folder>`` reuses an existing smoke run instead (quicker
+    iteration on these tests).
+    """
+    if os.environ.get("SAELIB_TEST_SMOKE_RUN"):
+        return Path(os.environ["SAELIB_TEST_SMOKE_RUN"])
+    outputs = tmp_path_factory.mktemp("outputs")
+    smoke = STUDIES["topk_grid"].smoke_params
+    return run_study("topk_grid", smoke, outputs=outputs, progress=False)

@@ -29,15 +29,6 @@ from saelib.studies import STUDIES, Study
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("outputs")
-    run_dir = run_study(
-        "topk_grid", STUDIES["topk_grid"].smoke_params, outputs=outputs, progress=False
-    )
-    return run_dir
-
-
 def test_smoke_run_writes_every_output(smoke_run):
     for name in ("topk_grid.ipynb", "topk_grid.html", "params.yaml", "grid_metrics.json",
                  "pareto_optimal_configs.json", "figures/heatmaps.png",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from saelib.runner import kernel_name, outputs_root, render_html, run_study
-from saelib.studies import PROJECT_ROOT, STUDIES
+from saelib.runner import kernel_name, outputs_root, render_html
+from saelib.studies import PROJECT_ROOT
 
 CHROMIUM = Path(os.environ.get("SAELIB_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -72,20 +72,6 @@ def page(browser, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ob
         paths = [path, *_copy_to_outputs(path)]
         print(f"\nscreenshot of the failure: {' and '.join(map(str, paths))}")
     context.close()
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small topk_grid run (real model and data, tiny grid) in a temp outputs folder.
-
-    ``SAELIB_TEST_SMOKE_RUN=<run folder>`` reuses an existing smoke run instead (quicker
-    iteration on these tests).
-    """
-    if os.environ.get("SAELIB_TEST_SMOKE_RUN"):
-        return Path(os.environ["SAELIB_TEST_SMOKE_RUN"])
-    outputs = tmp_path_factory.mktemp("outputs")
-    smoke = STUDIES["topk_grid"].smoke_params
-    return run_study("topk_grid", smoke, outputs=outputs, progress=False)
 
 
 @pytest.fixture(scope="session")
