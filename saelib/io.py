@@ -10,18 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextmanager
@@ -30,10 +23,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     success, delete it on any error (the error propagates)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+    temporary = _new_temporary(target)
     try:
         yield temporary
         _fsync(temporary)
@@ -41,6 +31,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(target: Path) -> Path:
+    """An empty file of a fresh name beside ``target``, with the permissions open() gives."""
+    while True:
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
@@ -71,7 +72,7 @@ def _fsync(path: Path) -> None:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, tensors, numpy values and paths as plain JSON types."""
+    """Dataclasses, tensors, numpy values and paths as plain JSON types (no torch import)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             field.name: to_jsonable(getattr(value, field.name))
@@ -81,12 +82,8 @@ def to_jsonable(value: Any) -> Any:
         return {str(key): to_jsonable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [to_jsonable(item) for item in value]
-    if isinstance(value, torch.Tensor):
-        return to_jsonable(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
+        return to_jsonable(value.tolist())
     return value

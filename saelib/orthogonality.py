@@ -86,7 +86,8 @@ SCHEDULES: dict[str, OrthoSchedule] = {
 
 def static_schedule(tau: float, weight: float) -> OrthoSchedule:
     """The control the original work never ran: constant tau and lambda2."""
-    return OrthoSchedule(lambda p: tau, lambda p, w: weight, description=f"static tau {tau}")
+    description = f"static tau {tau}; lambda {weight}"
+    return OrthoSchedule(lambda p: tau, lambda p, w: weight, description=description)
 
 
 @dataclass

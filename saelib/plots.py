@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from saelib.io import write_with
+
 HEATMAP_METRICS = {
     "explained_variance": ("Explained variance", "viridis", "{:.3f}"),
     "death_rate": ("Feature death rate", "rocket_r", "{:.1%}"),
@@ -120,6 +122,7 @@ def over_training(table: pd.DataFrame, columns: dict[str, str]) -> plt.Figure:
 
 def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> Path:
     path = Path(folder) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return write_with(
+        path,
+        lambda temporary: figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight"),
+    )

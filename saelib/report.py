@@ -16,7 +16,6 @@ import html
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from urllib.parse import quote
 
 import yaml
 
+from saelib.io import write_text
 from saelib.runner import RunError, read_status
 
 METRICS_FILES = {
@@ -307,20 +307,8 @@ def build_index(outputs: Path, out: Path | None = None) -> Path:
     outputs = Path(outputs)
     out = Path(out) if out is not None else outputs / "index.html"
     page = render_index(scan_outputs(outputs), out.parent)
-    write_atomically(out, page)
+    write_text(out, page)
     return out
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 CSS = """

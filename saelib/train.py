@@ -112,6 +112,7 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     first_loss: float | None = None  # the reference for spotting divergence
+    last_good: list[Tensor] | None = None  # parameters before the latest update
     status: Status = "training"
     message: str = ""
 
@@ -159,14 +160,14 @@ def train_saes(
             _train_step(run, batch, step, total, config, device)
             if run.status == "diverged":
                 _report_divergence(run, folder, config)
+        if callbacks:  # before checkpointing: a resume replays the steps a callback missed
+            results = _results(runs, folder)
+            for callback in callbacks:
+                callback(step, results)
         if folder is not None and _should_checkpoint(step + 1, total, config.checkpoint_every):
             for run in runs:
                 if run.status != "diverged":
                     _save_checkpoint(run, folder, config)
-        if callbacks:
-            results = _results(runs, folder)
-            for callback in callbacks:
-                callback(step, results)
         _show_progress(bar, runs, progress)
     return _results(runs, folder)
 
@@ -188,8 +189,8 @@ def _show_progress(bar, runs: list[_Run], progress: bool) -> None:
 def _report_divergence(run: _Run, folder: Path | None, config: TrainConfig) -> None:
     """Keep the diverged SAE's last good weights (on disk too when checkpointing) and say so."""
     if folder is not None:
-        _save_checkpoint(run, folder, config)
         run.message += f"; last good weights in {folder / run.spec.name}"
+        _save_checkpoint(run, folder, config)
     warnings.warn(run.message, stacklevel=3)
 
 
@@ -306,13 +307,9 @@ def _train_step(run: _Run, batch: Tensor, step: int, total: int, config, device)
     grad_norm = _grad_norm(sae, config.grad_clip_norm)
     problem = _divergence(run, terms, grad_norm, config.divergence_factor)
     if problem:
-        run.optimizer.zero_grad(set_to_none=True)
-        run.status = "diverged"
-        run.message = (
-            f"SAE {spec.name!r} diverged at step {step}: {problem}; stopped before updating, "
-            "with its last good weights"
-        )
+        _stop_diverged(run, step, problem)
         return
+    _remember_good_weights(run)
     lr = run.scheduler.get_last_lr()[0]  # the rate this update uses (logged below)
     run.optimizer.step()
     run.scheduler.step()
@@ -324,6 +321,32 @@ def _train_step(run: _Run, batch: Tensor, step: int, total: int, config, device)
     if step % config.log_every == 0 or run.step == total:
         run.history.append(_log_entry(lr, terms, state, grad_norm))
     run.seconds += time.perf_counter() - started
+
+
+def _stop_diverged(run: _Run, step: int, problem: str) -> None:
+    """Stop this SAE, back at the last weights whose loss was judged good."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.status = "diverged"
+    kept = "the weights it started with"
+    if run.last_good is not None:  # the weights before the update that made this loss
+        with torch.no_grad():
+            for parameter, good in zip(run.spec.sae.parameters(), run.last_good, strict=True):
+                parameter.copy_(good)
+        run.step -= 1
+        kept = f"its weights after {run.step} updates (the last whose loss passed)"
+    run.last_good = None
+    run.message = f"SAE {run.spec.name!r} diverged at step {step}: {problem}; stopped with {kept}"
+
+
+@torch.no_grad()
+def _remember_good_weights(run: _Run) -> None:
+    """Copy the weights whose loss just passed the checks, before the update changes them."""
+    parameters = list(run.spec.sae.parameters())
+    if run.last_good is None:
+        run.last_good = [parameter.detach().clone() for parameter in parameters]
+    else:
+        for saved, parameter in zip(run.last_good, parameters, strict=True):
+            saved.copy_(parameter)
 
 
 def _divergence(run: _Run, terms: dict, grad_norm: Tensor, factor: float | None) -> str:

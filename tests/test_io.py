@@ -33,7 +33,7 @@ def test_files_get_the_usual_permissions(tmp_path):
         io.write_text(tmp_path / "a.txt", "x")
     finally:
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~io._UMASK
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644  # not mkstemp's 0600
 
 
 def test_write_json_takes_tensors_numpy_and_paths(tmp_path):

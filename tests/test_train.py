@@ -148,19 +148,27 @@ def test_a_nan_sae_stops_alone_and_keeps_its_last_good_weights(make_sae, toy_act
     specs = [SAESpec("nan-sae", make_sae(), NaNAtStep(step=12)), SAESpec("fine", make_sae())]
     with pytest.warns(UserWarning, match="'nan-sae' diverged at step 12"):
         broken, fine = train(specs, toy_acts, small_config(checkpoint_every=5), tmp_path)
-    assert (broken.status, broken.steps) == ("diverged", 12)
+    # back at the weights before the update that led to the bad loss: those after 11 updates
+    assert (broken.status, broken.steps) == ("diverged", 11)
     assert "not finite" in broken.message and str(tmp_path / "nan-sae") in broken.message
     assert (fine.status, fine.steps) == ("complete", 32)  # the other SAE finished
-    assert torch.isfinite(broken.sae.W_dec).all()  # no update was made with the NaN gradient
+    [eleven] = train([SAESpec("eleven", make_sae())], toy_acts, small_config(max_tokens=11 * 64))
+    assert eleven.steps == 11
+    assert_same_weights(broken.sae, eleven.sae)
     stored = json.loads((tmp_path / "nan-sae" / "config.json").read_text())
-    assert (stored["trained_steps"], stored["train_status"]) == (12, "diverged")
+    assert (stored["trained_steps"], stored["train_status"]) == (11, "diverged")
     assert_same_weights(load_sae(tmp_path / "nan-sae"), broken.sae)
+    # a resume leaves it diverged and trains nothing more
+    again = SAESpec("nan-sae", make_sae(), NaNAtStep(step=12))
+    [resumed] = train([again], toy_acts, small_config(checkpoint_every=5), tmp_path)
+    assert (resumed.status, resumed.steps) == ("diverged", 11)
+    assert_same_weights(resumed.sae, broken.sae)
 
 
 def test_divergence_is_kept_in_memory_without_a_checkpoint_dir(make_sae, toy_acts):
     with pytest.warns(UserWarning, match="diverged"):
         [result] = train([SAESpec("a", make_sae(), NaNAtStep(step=3))], toy_acts, small_config())
-    assert (result.status, result.steps, result.checkpoint) == ("diverged", 3, None)
+    assert (result.status, result.steps, result.checkpoint) == ("diverged", 2, None)
     assert "last good weights in" not in result.message
 
 
@@ -168,7 +176,9 @@ def test_finite_blow_up_counts_as_divergence(make_sae, toy_acts):
     config = small_config(lr=100.0)  # finite garbage: the loss grows ~1e9-fold, never inf
     with pytest.warns(UserWarning, match="over 100 times its first value"):
         [result] = train([SAESpec("wild", make_sae())], toy_acts, config)
-    assert result.status == "diverged" and 0 < result.steps < 32
+    # the first update already blew it up: it is back at its initial weights
+    assert (result.status, result.steps) == ("diverged", 0)
+    assert torch.equal(result.sae.W_dec, make_sae().W_dec)
     assert all(math.isfinite(entry["recon"]) for entry in result.history)
     calm = train([SAESpec("calm", make_sae())], toy_acts, small_config())[0]
     assert calm.status == "complete"

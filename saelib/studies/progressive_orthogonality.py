@@ -241,10 +241,9 @@ def evaluate_all(
     from saelib.evals.sparse_probing import run_sparse_probing
 
     core_config, absorption_config, probing_config = eval_configs(params)
-    saes = {result.name: result.sae for result in results}
-    status = {result.name: result.status for result in results}
+    saes = {result.name: result.sae for result in results if result.status != "diverged"}
     core = run_core_eval_many(saes, context.lm, params.layer, core_config)
-    rows = []
+    rows = [_diverged_row(result.name) for result in results if result.status == "diverged"]
     for name, sae in saes.items():
         absorption = absorption_from_data(sae, context.absorption, absorption_config, False)
         probing = run_sparse_probing(
@@ -254,8 +253,14 @@ def evaluate_all(
             for kind, output in (("core", core[name]), ("absorption", absorption)):
                 output.save(eval_dir / f"{name}.{kind}.json")
             probing.save(eval_dir / f"{name}.sparse_probing.json")
-        rows.append(_row(name, core[name], absorption, probing) | {"status": status[name]})
+        rows.append(_row(name, core[name], absorption, probing))
     return pd.DataFrame(rows)
+
+
+def _diverged_row(name: str) -> dict:
+    """A diverged SAE is not evaluated: its metrics stay NaN."""
+    run, seed = name.rsplit("_s", 1)
+    return {"run": run, "seed": int(seed), "status": "diverged"}
 
 
 def _row(name: str, core, absorption, probing) -> dict:
@@ -275,6 +280,7 @@ def _row(name: str, core, absorption, probing) -> dict:
         "probe_top1": probing.sae_accuracy[1],
         "probe_top5": probing.sae_accuracy.get(5, float("nan")),
         "probe_residual": probing.residual_accuracy,
+        "status": "complete",
     }
 
 

@@ -155,6 +155,7 @@ def _seed_of(name: str) -> int:
 
 METRIC_COLUMNS = [
     "explained_variance",
+    "explained_variance_centred",  # the report's EV: 1 - var(residual) / var(x)
     "death_rate",
     "mean_activation",
     "max_activation",
