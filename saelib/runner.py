@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from saelib.io import Locked, exclusive_lock, write_json, write_text
 from saelib.params import ParamsError, load_yaml, parse_params
 
 if TYPE_CHECKING:  # saelib.studies imports torch; the report reads statuses without it
@@ -185,8 +185,6 @@ def _execute(
     params_yaml: str | None = None,
 ) -> None:
     """Execute the notebook into ``run_dir`` and render it, keeping status.json up to date."""
-    from saelib.io import write_text
-
     state = _start_status(run_dir, study.name, previous)
     executed, stage = run_dir / f"{study.name}.ipynb", "notebook"
     try:
@@ -312,17 +310,12 @@ def _stop_on_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _run_lock(run_dir: Path) -> Iterator[None]:
-    """One process at a time in a run folder: an exclusive lock on the folder itself, which the
-    system releases when the process ends, however it ends."""
-    handle = os.open(run_dir, os.O_RDONLY)  # not inherited by the kernel
+    """One process at a time in a run folder: an exclusive lock on the folder itself."""
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"run {run_dir} is in use by another process") from None
-        yield
-    finally:
-        os.close(handle)
+        with exclusive_lock(run_dir, wait=False):
+            yield
+    except Locked:
+        raise RunError(f"run {run_dir} is in use by another process") from None
 
 
 @functools.cache
@@ -333,8 +326,6 @@ def _atomic_notebook_saves() -> None:
     so a handler for "/" takes them. Registered once per process.
     """
     from papermill.iorw import LocalHandler, papermill_io
-
-    from saelib.io import write_text
 
     class AtomicLocalHandler(LocalHandler):
         def write(self, buf: str, path: str) -> None:
@@ -355,8 +346,6 @@ def render_html(notebook: Path) -> Path:
     written atomically: a render that fails leaves no HTML file."""
     import nbformat
     from nbconvert import HTMLExporter
-
-    from saelib.io import write_text
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     return write_text(notebook.with_suffix(".html"), body)
@@ -427,8 +416,6 @@ def _start_status(run_dir: Path, study: str, previous: dict[str, Any] | None) ->
 
 def _set_status(run_dir: Path, state: dict[str, Any], status: str, **fields: Any) -> dict[str, Any]:
     """Write ``state`` with this status and fields (atomically); return what was written."""
-    from saelib.io import write_json
-
     written = state | {"status": status, **fields, "updated": _now()}
     write_json(run_dir / STATUS_FILE, written)
     return written

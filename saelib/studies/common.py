@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from saelib.activations import HarvestConfig
+from saelib.data import DATASET_SUFFIXES, EMBEDDED_DATASETS
 from saelib.params import ParamsError, require_layer_in_model, require_unique
 from saelib.train import TrainConfig
 
-EMBEDDED_DATASETS = ("gsm8k", "wiki")  # the names saelib.data.load_documents reads from the cache
-DATASET_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt")  # the files saelib.data reads
 # A value ending in one of these names a file, never a Hugging Face dataset.
 FILE_SUFFIXES = (*DATASET_SUFFIXES, ".gz", ".csv", ".tsv", ".parquet", ".arrow", ".zip")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
