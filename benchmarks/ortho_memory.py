@@ -21,10 +21,10 @@ import torch
 
 
 def run_variant(variant: str, d_sae: int, d_in: int, k: int, batch: int) -> dict:
-    from saelib.losses import TrainState
-    from saelib.orthogonality import OrthogonalityPenalty, static_schedule
     from saelib.saes import TopKConfig, TopKSAE
     from saelib.saes.sparse_ops import dense_latents
+    from saelib.training.losses import TrainState
+    from saelib.training.orthogonality import OrthogonalityPenalty, static_schedule
 
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in, d_sae, k, use_decoder_bias=False))

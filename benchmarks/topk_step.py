@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelib.losses import TopKLoss, TrainState
 from saelib.saes.topk import TopKConfig, TopKSAE
-from saelib.train import SAESpec, TrainConfig, _start_run
+from saelib.training import SAESpec, TrainConfig, _start_run
+from saelib.training.losses import TopKLoss, TrainState
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 def saelib_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
-    """The trainer's step for saelib (saelib.train._train_step without logging/clipping)."""
+    """The trainer's step for saelib (saelib.training._train_step without logging/clipping)."""
     loss = TopKLoss(auxk_alpha=0.0)
     state = TrainState(0, 1, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device))
     with autocast(x.device):

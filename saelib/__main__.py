@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from saelib.runner import RunInterrupted, get_study, run_study
+    from saelib.runs.runner import RunInterrupted, get_study, run_study
     from saelib.studies import STUDIES
 
     if args.resume:
@@ -74,7 +74,7 @@ def _run(args) -> int:
 
 
 def _resume(args) -> int:
-    from saelib.runner import RunInterrupted, read_status, resume_run
+    from saelib.runs.runner import RunInterrupted, read_status, resume_run
 
     if args.params_file or args.param:
         raise ParamsError("--resume reuses the run's params.yaml; -f and -p cannot go with it")
@@ -119,12 +119,12 @@ def _list(args) -> int:
 
 
 def _report(args) -> int:
-    from saelib.report import build_index
+    from saelib.runs.report import build_index
 
     if args.outputs:
         outputs = Path(args.outputs)
     else:
-        from saelib.runner import outputs_root
+        from saelib.runs.runner import outputs_root
 
         outputs = outputs_root()
     index = build_index(outputs, Path(args.out) if args.out else None)

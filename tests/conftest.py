@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelib.runner import run_study
+from saelib.runs.runner import run_study
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies import STUDIES
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from saelib.runner import outputs_root
+from saelib.runs.runner import outputs_root
 from saelib.studies import PROJECT_ROOT, STUDIES
 
 GRID_SMOKE = str(STUDIES["topk_grid"].smoke_params)

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from saelib.explorer import (
+from saelib.features.explorer import (
     FeatureExplorer,
     checkpoint_folders,
     matching_latents,
@@ -16,7 +16,7 @@ from saelib.explorer import (
     order_latents,
     top_latents_per_token,
 )
-from saelib.inspect import FeatureStats, FeatureStatsConfig
+from saelib.features.stats import FeatureStats, FeatureStatsConfig
 
 PLANTED_LATENT = 7
 PLANTED_TOKEN = 999  # " zebra", only in latent 7's top examples
@@ -158,7 +158,7 @@ def test_search_by_text_shows_token_latents(monkeypatch):
         return ["a", " b", " c"], acts
 
     monkeypatch.setattr(
-        "saelib.inspect.latent_activations_for_text",
+        "saelib.features.stats.latent_activations_for_text",
         fake_latent_activations_for_text,
         raising=False,
     )

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from saelib.feature_cards import (
+from saelib.features.cards import (
     activation_color,
     cards_html_object,
     cards_page,
@@ -18,7 +18,7 @@ from saelib.feature_cards import (
     render_card,
     render_cards,
 )
-from saelib.inspect import FeatureStats, FeatureStatsConfig
+from saelib.features.stats import FeatureStats, FeatureStatsConfig
 
 CONFIG = FeatureStatsConfig(
     n_top=5, n_quantile_groups=3, n_per_group=2, context_left=4, context_right=2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelib.losses import (
+from saelib.training.losses import (
     TopKLoss,
     TrainState,
     auxk_loss,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.metrics import evaluate, pareto_optimal
+from saelib.evals.metrics import evaluate, pareto_optimal
 from saelib.saes.sparse_ops import dense_latents
 
 

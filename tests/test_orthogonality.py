@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelib.losses import TrainState
-from saelib.orthogonality import (
+from saelib.saes.sparse_ops import dense_latents
+from saelib.training.losses import TrainState
+from saelib.training.orthogonality import (
     SCHEDULES,
     OrthogonalityPenalty,
     OrthoSchedule,
@@ -14,7 +15,6 @@ from saelib.orthogonality import (
     make_penalty,
     static_schedule,
 )
-from saelib.saes.sparse_ops import dense_latents
 
 
 def dense_ratio(f: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from saelib.params import (
     require_non_negative,
     require_positive,
 )
-from saelib.runner import resolve_params
+from saelib.runs.runner import resolve_params
 from saelib.studies import STUDIES, common
 from saelib.studies.common import available_bytes, training_bytes
 from saelib.studies.topk_grid import TopKGridParams

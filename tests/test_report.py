@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from saelib.__main__ import main
-from saelib.report import build_index, headline_metrics, relative_link, scan_outputs
+from saelib.runs.report import build_index, headline_metrics, relative_link, scan_outputs
 
 GRID = "topk_grid"
 ORTHO = "progressive_orthogonality"

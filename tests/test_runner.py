@@ -20,9 +20,9 @@ import pytest
 import yaml
 from papermill.exceptions import PapermillExecutionError
 
-from saelib import runner
 from saelib.__main__ import main
-from saelib.runner import new_run_dir, read_status, resume_run, run_study
+from saelib.runs import runner
+from saelib.runs.runner import new_run_dir, read_status, resume_run, run_study
 from saelib.saes import load_sae
 from saelib.studies import STUDIES, Study
 
@@ -265,7 +265,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_runner import make_tiny_study
 
-from saelib import runner
+from saelib.runs import runner
 from saelib.__main__ import main
 from saelib.studies import STUDIES
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from saelib.runner import read_status, resume_run
+from saelib.runs.runner import read_status, resume_run
 from saelib.studies import STUDIES
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 RUN_SCRIPT = textwrap.dedent(
     """
     from pathlib import Path
-    from saelib.runner import run_study
+    from saelib.runs.runner import run_study
     run_study("topk_grid", {params!r}, outputs=Path({outputs!r}), progress=False)
     """
 )

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from saelib.losses import TopKLoss
-from saelib.orthogonality import OrthogonalTopKLoss, make_penalty
 from saelib.saes import TopKConfig, TopKSAE, load_sae
-from saelib.train import (
+from saelib.training import (
     CheckpointMismatchError,
     SAESpec,
     TrainConfig,
-    _lr_lambda,
     train_saes,
 )
+from saelib.training.loop import _lr_lambda
+from saelib.training.losses import TopKLoss
+from saelib.training.orthogonality import OrthogonalTopKLoss, make_penalty
 
 
 def small_config(**changes) -> TrainConfig:

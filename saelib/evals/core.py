@@ -11,7 +11,7 @@ Definitions follow SAEBench's core eval and SAELens:
   Both scores are 1 for a perfect reconstruction and 0 for one as bad as zeros.
 - Reconstruction metrics (explained variance in SAELens's form and, named as such, the centred
   form; MSE, cosine, L0) come from
-  :func:`saelib.metrics.evaluate` on the residuals at the same tokens; l1 is the mean sum of
+  :func:`saelib.evals.metrics.evaluate` on the residuals at the same tokens; l1 is the mean sum of
   latent activations per token and shrinkage the mean of ||x_hat|| / ||x|| (SAEBench's
   ``l2_ratio``). A latent is dead when it never fires on the evaluated tokens.
 
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from saelib.activations import check_layer
 from saelib.data import load_documents
 from saelib.evals.common import save_json
-from saelib.metrics import ReconstructionMetrics, evaluate
+from saelib.evals.metrics import ReconstructionMetrics, evaluate
 from saelib.saes import SAE
 
 
@@ -72,7 +72,7 @@ class DensityHistogram:
 
 @dataclass
 class CoreEvalOutput:
-    explained_variance: float  # SAELens's form (see saelib.metrics)
+    explained_variance: float  # SAELens's form (see saelib.evals.metrics)
     explained_variance_centred: float  # dictionary_learning's form
     mse: float
     cosine_similarity: float

@@ -17,7 +17,7 @@ For the progressive-orthogonality study. Definitions:
   of ``max_latents`` latents is used: the pair statistics are over pairs within the subset, the
   max |cos| of each sampled latent is taken over all d_sae latents.
 
-:class:`SeparationRecorder` is a :func:`saelib.train.train_saes` callback that takes one
+:class:`SeparationRecorder` is a :func:`saelib.training.train_saes` callback that takes one
 :class:`SeparationSnapshot` per SAE at given fractions of training.
 """
 

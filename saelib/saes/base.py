@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,10 +26,53 @@ class SAEConfig:
 
 @dataclass
 class SAEOutput:
+    """What an SAE's forward pass returns: the reconstruction and the code, in two views.
+
+    The active-entries view ``(acts, indices)`` holds up to m latents per row (m = k for a TopK
+    code; for a code with a varying number of active latents, such as ReLU/L1, JumpReLU or a
+    binary code, m is the largest count in the batch and shorter rows are padded with zeros).
+    A zero value means "not active". ``dense()`` gives the (batch, d_sae) matrix. Both views
+    carry gradients to the encoder.
+    """
+
     recon: Tensor  # (batch, d_in)
-    acts: Tensor  # (batch, k) values of the active latents (zeros allowed)
-    indices: Tensor  # (batch, k) which latents they are
+    acts: Tensor  # (batch, m) values of the active latents (zeros: padding or inactive)
+    indices: Tensor  # (batch, m) which latents they are
+    d_sae: int
     pre_acts: Tensor | None = None  # (batch, d_sae) dense pre-activations, detached
+    dense_codes: Tensor | None = field(default=None, repr=False)  # (batch, d_sae) when known
+
+    @classmethod
+    def from_dense(cls, recon: Tensor, codes: Tensor, pre_acts: Tensor | None = None):
+        """The output of an SAE whose code is a dense (batch, d_sae) matrix, mostly zeros."""
+        width = max(int((codes != 0).sum(dim=-1).max()), 1) if codes.numel() else 1
+        _, indices = codes.detach().abs().topk(min(width, codes.shape[-1]), dim=-1)
+        acts = codes.gather(-1, indices)
+        return cls(recon, acts, indices, codes.shape[-1], pre_acts, codes)
+
+    def dense(self) -> Tensor:
+        """(batch, d_sae) latent activations (differentiable)."""
+        if self.dense_codes is not None:
+            return self.dense_codes
+        dense = self.acts.new_zeros(self.acts.shape[0], self.d_sae)
+        return dense.scatter_add(-1, self.indices, self.acts)
+
+    def active(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, latents, values) of every non-zero entry of the code."""
+        mask = self.acts != 0
+        rows = torch.arange(self.acts.shape[0], device=self.acts.device)[:, None]
+        return rows.expand_as(mask)[mask], self.indices[mask], self.acts[mask]
+
+    def l0(self) -> Tensor:
+        """(batch,) number of active latents per row."""
+        return (self.acts != 0).sum(dim=-1)
+
+    @torch.no_grad()
+    def fired(self) -> Tensor:
+        """(d_sae,) bool: latents active on at least one row of the batch."""
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.acts.device)
+        fired[self.indices[self.acts != 0]] = True
+        return fired
 
 
 class SAE(nn.Module):

@@ -53,7 +53,7 @@ class TopKSAE(SAE):
 
     def forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
         acts, indices, pre_acts = self.encode(x, k)
-        return SAEOutput(self.decode(acts, indices), acts, indices, pre_acts)
+        return SAEOutput(self.decode(acts, indices), acts, indices, self.d_sae, pre_acts)
 
     def encode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(acts, indices, detached dense pre-activations) of the top-k latents per row."""

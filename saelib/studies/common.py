@@ -14,7 +14,7 @@ import torch
 from saelib.activations import HarvestConfig
 from saelib.data import DATASET_SUFFIXES, EMBEDDED_DATASETS
 from saelib.params import ParamsError, require_layer_in_model, require_unique
-from saelib.train import TrainConfig
+from saelib.training import TrainConfig
 
 # A value ending in one of these names a file, never a Hugging Face dataset.
 FILE_SUFFIXES = (*DATASET_SUFFIXES, ".gz", ".csv", ".tsv", ".parquet", ".arrow", ".zip")

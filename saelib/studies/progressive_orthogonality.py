@@ -14,8 +14,6 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from saelib.losses import TopKLoss
-from saelib.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
 from saelib.params import (
     ParamsError,
     require_fraction,
@@ -26,7 +24,9 @@ from saelib.params import (
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies.common import SAEStudyParams
-from saelib.train import SAESpec
+from saelib.training import SAESpec
+from saelib.training.losses import TopKLoss
+from saelib.training.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
 
 RUN_NAMES = ["baseline", "static", *SCHEDULES]
 

@@ -16,8 +16,7 @@ import pandas as pd
 import torch
 
 from saelib.activations import ActivationSet, harvest
-from saelib.losses import TopKLoss
-from saelib.metrics import evaluate, pareto_optimal
+from saelib.evals.metrics import evaluate, pareto_optimal
 from saelib.params import (
     ParamsError,
     require_all_positive,
@@ -29,7 +28,8 @@ from saelib.params import (
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies.common import SAEStudyParams
-from saelib.train import SAESpec, TrainConfig, TrainResult, train_saes
+from saelib.training import SAESpec, TrainConfig, TrainResult, train_saes
+from saelib.training.losses import TopKLoss
 
 # The report: LLaMA-3.2-1B (16 blocks), activations after block 14 -> relative depth 14/16.
 REPORT_RELATIVE_DEPTH = 14 / 16

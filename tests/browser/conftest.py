@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from saelib.runner import kernel_name, outputs_root, render_html
+from saelib.runs.runner import kernel_name, outputs_root, render_html
 from saelib.studies import PROJECT_ROOT
 
 CHROMIUM = Path(os.environ.get("SAELIB_CHROMIUM", "/usr/bin/chromium"))

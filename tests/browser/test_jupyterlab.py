@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from saelib.runner import kernel_name
+from saelib.runs.runner import kernel_name
 from saelib.studies import PROJECT_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

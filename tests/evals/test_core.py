@@ -10,8 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from saelib.evals.core import CoreEvalConfig, CoreEvalOutput, run_core_eval, run_core_eval_many
+from saelib.evals.metrics import evaluate
 from saelib.lm import load_lm
-from saelib.metrics import evaluate
 from saelib.saes import TopKConfig, TopKSAE
 
 pytestmark = pytest.mark.slow

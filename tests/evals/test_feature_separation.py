@@ -20,7 +20,7 @@ from saelib.evals.feature_separation import (
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.saes.sparse_ops import dense_latents
-from saelib.train import SAESpec, TrainConfig, train_saes
+from saelib.training import SAESpec, TrainConfig, train_saes
 
 
 @pytest.fixture

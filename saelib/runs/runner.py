@@ -171,7 +171,7 @@ def _study_of(run_dir: Path, state: dict[str, Any] | None) -> Study:
 
 def _status_from_files(study: str, run_dir: Path) -> str:
     """The status of a run without status.json, as the report infers it from its files."""
-    from saelib.report import read_run
+    from saelib.runs.report import read_run
 
     return read_run(study, run_dir).status
 

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import yaml
 
 from saelib.io import write_text
-from saelib.runner import RunError, read_status
+from saelib.runs.runner import RunError, read_status
 
 METRICS_FILES = {
     "topk_grid": "grid_metrics.json",

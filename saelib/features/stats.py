@@ -652,7 +652,7 @@ class _CodeReplay(nn.Module):
         rows = row_numbers[:, 0].long()
         self.bar.update(len(rows))
         values, latents = self.codes.values[rows], self.codes.latents[rows].long()
-        return SAEOutput(recon=torch.zeros(0), acts=values, indices=latents)
+        return SAEOutput(torch.zeros(0), values, latents, self.d_sae)
 
 
 def _coactive_neighbours(codes: _Codes, n_neighbours: int, batch_size: int, progress: bool):

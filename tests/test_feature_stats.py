@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import inspect as feature_inspect
 from saelib.activations import ActivationSet, HarvestConfig
-from saelib.inspect import (
+from saelib.features import stats as feature_inspect
+from saelib.features.stats import (
     FeatureStats,
     FeatureStatsConfig,
     compute_feature_stats,

@@ -2,7 +2,7 @@
 
 ``FeatureExplorer(stats, saes, lm)`` is an ipywidgets panel: pick an SAE, pick a latent (slider,
 or a list filtered by a text search and sorted by density or max activation), read its feature
-card (``saelib.feature_cards.render_card``), jump to its co-activating and decoder-similar
+card (``saelib.features.cards.render_card``), jump to its co-activating and decoder-similar
 neighbours, and run the SAE on any text to see which latents fire on each token.
 
 All state lives in plain attributes (``sae_name``, ``latent``, ``query``, ``sort_by``,
@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from saelib.activations import HarvestConfig
-from saelib.inspect import FeatureStats, default_harvest_config
+from saelib.features.stats import FeatureStats, default_harvest_config
 
 SORT_OPTIONS = [("latent id", "id"), ("density", "density"), ("max activation", "max_activation")]
 NEIGHBOUR_KINDS = {"coactive": "co-activating", "similar": "decoder-similar"}
@@ -255,7 +255,7 @@ class FeatureExplorer:
     # ----- card and neighbours -----
 
     def _card_html(self, latent: int) -> str:
-        from saelib.feature_cards import render_card
+        from saelib.features.cards import render_card
 
         body = render_card(self.current, latent, title=self.sae_name)
         name = html.escape(self.sae_name, quote=True)
@@ -287,7 +287,7 @@ class FeatureExplorer:
     # ----- search by text -----
 
     def _run_text(self, sae: torch.nn.Module, text: str) -> tuple[list[str], torch.Tensor]:
-        from saelib.inspect import latent_activations_for_text
+        from saelib.features.stats import latent_activations_for_text
 
         layer = self._layer(sae)
         tokens, acts = latent_activations_for_text(sae, self.lm, text, layer)
@@ -405,7 +405,7 @@ def top_latents_per_token(tokens: list[str], acts: torch.Tensor, n: int = 3) -> 
 
 def newest_run(outputs: str | Path | None = None) -> Path:
     """The newest run folder (of any study) under ``outputs`` that holds SAE checkpoints."""
-    from saelib.runner import outputs_root
+    from saelib.runs.runner import outputs_root
 
     root = Path(outputs) if outputs else outputs_root()
     runs = [path.parent for path in root.glob("*/*/checkpoints") if any(path.iterdir())]

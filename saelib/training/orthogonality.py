@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from saelib.losses import TopKLoss, TrainState
 from saelib.saes import SAE, SAEOutput
+from saelib.training.losses import TopKLoss, TrainState
 
 TAU_FLOOR = 1e-3
 

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from saelib.inspect import FeatureStats
+from saelib.features.stats import FeatureStats
 
 ANCHOR_PREFIX = "saelib-latent-"
 HIGHLIGHT_RGB = (221, 132, 82)  # seaborn "deep" orange

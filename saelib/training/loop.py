@@ -32,8 +32,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelib.io import write_json
-from saelib.losses import Loss, TopKLoss, TrainState
 from saelib.saes import SAE, load_sae
+from saelib.training.losses import Loss, TopKLoss, TrainState
 
 Status = Literal["training", "complete", "diverged"]
 

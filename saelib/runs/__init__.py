@@ -1,0 +1,1 @@
+"""Runs: execute a study notebook headlessly, render it, and index every run on one page."""
