@@ -71,6 +71,16 @@ class HarvestConfig:
     batch_size: int = 16  # documents per forward pass
     shard_size: int = 65_536  # vectors per safetensors shard
 
+    def to_dict(self) -> dict:
+        """Plain JSON values (checkpoints record the harvest they were trained on)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> HarvestConfig:
+        """The config recorded by :meth:`to_dict`; keys it does not know are left out."""
+        known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+        return cls(**known)
+
     def cache_key(self) -> str:
         """Hash of every field that changes the harvested vectors (not batching or sharding)."""
         determining = {
