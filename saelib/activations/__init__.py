@@ -10,8 +10,20 @@ from saelib.activations.harvest import (
     harvest,
     residuals_for_texts,
 )
+from saelib.activations.source import (
+    ActivationSource,
+    TensorSource,
+    as_source,
+    epoch_permutation,
+    tensor_fingerprint,
+)
 
 __all__ = [
+    "ActivationSource",
+    "TensorSource",
+    "as_source",
+    "epoch_permutation",
+    "tensor_fingerprint",
     "ActivationSet",
     "CorruptCacheError",
     "HarvestConfig",
