@@ -3,6 +3,7 @@
 A write goes to a uniquely named temporary file in the target's folder (so two processes never
 share one), is flushed to disk, then renamed over the target. A crash, a kill or a full disk
 leaves the previous file (or none) and at most a stray ``.<name>.*.tmp`` file, never a torn one.
+:func:`atomic_folder` does the same for a folder of files that belong together.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,50 @@ def _new_temporary(target: Path) -> Path:
             return temporary
         except FileExistsError:
             continue
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder to write ``target``'s files into; on success swap it in
+    for ``target`` (see :func:`replace_folder`), on any error delete it. A reader never sees
+    the files of one write mixed with those of another."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(source: str | Path, target: str | Path) -> None:
+    """Rename the folder ``source`` to ``target``, replacing any folder there.
+
+    Readers see the old folder, briefly none, or the new one. If another process puts a folder
+    at ``target`` between the two renames, its folder stays and ``source`` is deleted: writers
+    of one target are expected to write equivalent content.
+    """
+    source, target = Path(source), Path(target)
+    previous = _sibling(target, "old")
+    with suppress(FileNotFoundError):
+        os.replace(target, previous)
+    try:
+        os.replace(source, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(source)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``target`` (random: two processes never share one)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.{kind}")
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
