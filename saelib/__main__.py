@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
         help="override one parameter (VALUE is read as YAML: 5, 1e-3, [5, 10], text)",
     )  # fmt: skip
+    run.add_argument("--outputs", help="where run folders go (default: ./outputs)")
     run.set_defaults(handler=_run)
 
     fetch = commands.add_parser("fetch", help="fetch the embedded model and datasets")
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_list)
 
     report = commands.add_parser("report", help="write an HTML index of the runs in outputs/")
-    report.add_argument("--outputs", help="the outputs folder (default: the project's outputs/)")
+    report.add_argument("--outputs", help="the outputs folder (default: ./outputs)")
     report.add_argument("--out", help="the index page (default: <outputs>/index.html)")
     report.set_defaults(handler=_report)
     return parser
@@ -66,7 +67,8 @@ def _run(args) -> int:
         get_study(name)
     for name in names:
         try:
-            folder = run_study(name, args.params_file, overrides)
+            outputs = Path(args.outputs) if args.outputs else None
+            folder = run_study(name, args.params_file, overrides, outputs=outputs)
         except RunInterrupted as stop:
             return _interrupted(name, stop)
         _print_outputs(name, folder, "outputs in")
@@ -114,7 +116,7 @@ def _list(args) -> int:
     from saelib.studies import STUDIES
 
     for name, study in STUDIES.items():
-        print(f"{name}\t{study.notebook}")
+        print(f"{name}\t{study.description}\t{study.notebook}")
     return 0
 
 

@@ -121,6 +121,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             raise ParamsError(f"{source}: {name}={value!r} is not one of {list(args)}")
         return value
     if origin in (list, tuple):
+        if isinstance(value, str):  # papermill's -p passes "[2, 8]" as text
+            value = _list_from_text(name, value, hint, source)
         if not isinstance(value, list | tuple):
             raise _type_error(name, value, hint, source)
         items = [_coerce(f"{name}[{i}]", item, args[0], source) for i, item in enumerate(value)]
@@ -132,6 +134,16 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint) and not _bool_for_number(value, hint):
         return value
     raise _type_error(name, value, hint, source)
+
+
+def _list_from_text(name: str, value: str, hint: Any, source: str) -> Any:
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise _type_error(name, value, hint, source) from None
+    if not isinstance(parsed, list):
+        raise _type_error(name, value, hint, source)
+    return parsed
 
 
 def _float_from_text(name: str, value: str, source: str) -> float:
@@ -208,11 +220,14 @@ def require_fraction(params: Any, name: str) -> None:
 
 def require_layer_in_model(model: str, layer: int) -> None:
     """The model's config is read (no weights are loaded) to check the layer index."""
+    from saelib.activations import check_layer
     from saelib.lm import num_layers
 
     n_layers = _from_model_config(model, num_layers)
-    if not 0 <= layer < n_layers:
-        raise ParamsError(f"layer {layer} is out of range for {model} (layers 0..{n_layers - 1})")
+    try:
+        check_layer(layer, n_layers, model)
+    except ValueError as error:
+        raise ParamsError(str(error)) from None
 
 
 def _from_model_config(model: str, read: Callable[[str], int]) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from saelib.runs.runner import outputs_root
-from saelib.studies import PROJECT_ROOT, STUDIES
+from saelib.studies import STUDIES
 
 GRID_SMOKE = str(STUDIES["topk_grid"].smoke_params)
 ORTHO_SMOKE = str(STUDIES["progressive_orthogonality"].smoke_params)
@@ -26,7 +26,7 @@ def run_cli(study: str, *args: str) -> subprocess.CompletedProcess:
     before = set(runs.iterdir()) if runs.exists() else set()
     result = subprocess.run(
         [sys.executable, "-m", "saelib", "run", study, *args],
-        cwd=PROJECT_ROOT,
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=300,

@@ -81,18 +81,20 @@ def training_curves(histories: dict[str, list[dict]], metric: str = "mse") -> pl
     return figure
 
 
-def metric_bars(summary: pd.DataFrame, metrics: dict[str, str]) -> plt.Figure:
+def metric_bars(
+    summary: pd.DataFrame, metrics: dict[str, str], controls: tuple[str, ...] = ()
+) -> plt.Figure:
     """One bar chart per metric: mean over seeds per run, error bars one std.
 
     ``summary`` is indexed by run with ``<metric>_mean`` / ``<metric>_std`` columns; ``metrics``
-    maps each metric to its axis label.
+    maps each metric to its axis label; the ``controls`` runs are drawn in grey.
     """
     n_cols = min(3, len(metrics))
     n_rows = -(-len(metrics) // n_cols)
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.2 * n_rows), squeeze=False)
     for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
-    colors = ["0.55" if run in ("baseline", "static") else "C0" for run in summary.index]
+    colors = ["0.55" if run in controls else "C0" for run in summary.index]
     for ax, (metric, label) in zip(axes.flat, metrics.items(), strict=False):
         ax.bar(summary.index, summary[f"{metric}_mean"], yerr=summary[f"{metric}_std"].fillna(0),
                color=colors, capsize=3)  # fmt: skip

@@ -14,31 +14,20 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote
 
 import yaml
 
 from saelib.io import write_text
 from saelib.runs.runner import RunError, read_status
+from saelib.studies.record import RESULTS_FILE, Headline, Study
 
-METRICS_FILES = {
-    "topk_grid": "grid_metrics.json",
-    "progressive_orthogonality": "ortho_metrics.json",
-}
-KEY_PARAMS = {
-    "topk_grid": ["model", "layer", "dataset", "max_tokens", "k_values", "latent_dims", "seeds",
-                  "epochs"],
-    "progressive_orthogonality": ["model", "layer", "dataset", "max_tokens", "d_sae", "k", "runs",
-                                  "seeds", "epochs", "penalty"],
-}  # fmt: skip
 N_GENERIC = 6  # params / numbers shown for a study this module does not know
 STATUS_NOTES = {
     "running": "the run's process is alive",
@@ -50,11 +39,6 @@ STATUS_NOTES = {
 }
 
 
-class Metric(NamedTuple):
-    text: str
-    tooltip: str = ""
-
-
 @dataclass
 class RunInfo:
     study: str
@@ -64,7 +48,7 @@ class RunInfo:
     params_file: Path | None = None
     params: dict[str, Any] = field(default_factory=dict)
     metrics_file: Path | None = None
-    metrics: dict[str, Metric] = field(default_factory=dict)
+    metrics: dict[str, Headline] = field(default_factory=dict)
     params_error: str | None = None
     metrics_error: str | None = None
     state: dict[str, Any] | None = None  # status.json; None for a run older than it
@@ -165,8 +149,8 @@ def _first(folder: Path, pattern: str) -> Path | None:
 
 
 def _metrics_file(study: str, folder: Path) -> Path | None:
-    if study in METRICS_FILES:
-        return _existing(folder / METRICS_FILES[study])
+    if _record(study) is not None:
+        return _existing(folder / RESULTS_FILE)
     candidates = sorted(folder.glob("*.json"), key=lambda path: ("metrics" not in path.name, path))
     return candidates[0] if candidates else None
 
@@ -213,90 +197,35 @@ def run_time(folder: Path) -> str:
 # ----------------------------------------------------------------------------------- metrics
 
 
-def headline_metrics(study: str, data: Any) -> dict[str, Metric]:
-    """A few headline numbers from a run's metrics JSON (raises on unexpected content)."""
+def headline_metrics(study: str, data: Any) -> dict[str, Headline]:
+    """A few headline numbers from a run's results JSON (raises on unexpected content)."""
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object, found {type(data).__name__}")
-    return HEADLINES.get(study, _generic_metrics)(data)
+    record = _record(study)
+    return record.headlines(data) if record is not None else _generic_metrics(data)
 
 
-def _topk_grid_metrics(data: dict) -> dict[str, Metric]:
-    summary = data["summary"]
-    best = max(summary, key=lambda row: _float(row["explained_variance_mean"]))
-    death = [_float(row["death_rate_mean"]) for row in summary]
-    return {
-        "best EV": Metric(
-            f"{_float(best['explained_variance_mean']):.3f} "
-            f"(K={best['k']}, latent_dim={best['latent_dim']})",
-            f"highest validation explained variance (mean over seeds) of {len(summary)} configs",
-        ),
-        "mean death rate": Metric(f"{_mean(death):.1%}", "mean over the grid's configs"),
-        "claims held": _claims_held(data["claims"]),
-        "train vectors": Metric(f"{int(data['n_train_vectors']):,}"),
-    }
+def _record(study: str) -> Study | None:
+    from saelib.studies import STUDIES  # the study modules import torch: only when needed
+
+    return STUDIES.get(study)
 
 
-def _ortho_metrics(data: dict) -> dict[str, Metric]:
-    rows = {row["run"]: row for row in data["summary"]}
-    progressive = [row for run, row in rows.items() if str(run).startswith("run")]
-    metrics = {
-        f"{label} (baseline → runs)": _versus_baseline(rows.get("baseline"), progressive, column)
-        for column, label in (
-            ("absorption_rate", "absorption"),
-            ("probe_top1", "probe top-1"),
-            ("explained_variance", "EV"),
-        )
-    }
-    metrics["claim parts held"] = _claims_held(data["claim"])
-    return metrics
-
-
-def _versus_baseline(baseline: dict | None, runs: list[dict], metric: str) -> Metric:
-    column = f"{metric}_mean"
-    base = f"{_float(baseline[column]):.3f}" if baseline is not None else "–"
-    mean = f"{_mean([_float(row[column]) for row in runs]):.3f}" if runs else "–"
-    return Metric(f"{base} → {mean}", f"baseline vs mean of the {len(runs)} progressive runs")
-
-
-def _claims_held(claims: list[dict]) -> Metric:
-    if not claims:
-        return Metric("not judged")
-    held = sum(bool(claim["holds"]) for claim in claims)
-    tooltip = "\n".join(
-        f"{'✓' if claim['holds'] else '✗'} {claim.get('statement', '')}" for claim in claims
-    )
-    return Metric(f"{held}/{len(claims)}", tooltip)
-
-
-def _generic_metrics(data: dict) -> dict[str, Metric]:
+def _generic_metrics(data: dict) -> dict[str, Headline]:
     numbers = {
         key: value
         for key, value in data.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
     if not numbers:
-        return {"keys": Metric(", ".join(list(data)[:N_GENERIC]) or "(empty)")}
-    return {key: Metric(_format_number(value)) for key, value in list(numbers.items())[:N_GENERIC]}
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number, found {value!r}")
-    return float(value)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+        return {"keys": Headline(", ".join(list(data)[:N_GENERIC]) or "(empty)")}
+    return {
+        key: Headline(_format_number(value)) for key, value in list(numbers.items())[:N_GENERIC]
+    }
 
 
 def _format_number(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-HEADLINES: dict[str, Callable[[dict], dict[str, Metric]]] = {
-    "topk_grid": _topk_grid_metrics,
-    "progressive_orthogonality": _ortho_metrics,
-}
 
 
 # ------------------------------------------------------------------------------------ render
@@ -437,12 +366,10 @@ def _params_cell(run: RunInfo) -> str:
 
 
 def _params(run: RunInfo) -> str:
-    keys = (
-        KEY_PARAMS.get(run.study)
-        or [key for key, value in run.params.items() if not isinstance(value, dict | list)][
-            :N_GENERIC
-        ]
-    )
+    record = _record(run.study)
+    keys = (record.key_params if record is not None else ()) or [
+        key for key, value in run.params.items() if not isinstance(value, dict | list)
+    ][:N_GENERIC]
     shown = [
         f"{html.escape(str(key))}={_value(run.params[key])}" for key in keys if key in run.params
     ]
@@ -464,7 +391,7 @@ def _metric_cells(run: RunInfo, columns: list[str]) -> str:
     return "".join(_metric_cell(run.metrics.get(column)) for column in columns)
 
 
-def _metric_cell(metric: Metric | None) -> str:
+def _metric_cell(metric: Headline | None) -> str:
     if metric is None:
         return "<td>–</td>"
     tooltip = f' title="{html.escape(metric.tooltip)}"' if metric.tooltip else ""

@@ -61,9 +61,8 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def outputs_root() -> Path:
-    from saelib.studies import PROJECT_ROOT
-
-    return PROJECT_ROOT / "outputs"
+    """Where runs go unless told otherwise: ``outputs/`` in the working directory."""
+    return Path.cwd() / "outputs"
 
 
 def get_study(name: str) -> Study:
@@ -214,7 +213,7 @@ def _papermill(study: Study, executed: Path, parameters: dict[str, Any], progres
         str(executed),
         parameters=parameters,
         kernel_name=kernel_name(),
-        cwd=str(study.notebook.parent),
+        cwd=str(executed.parent),  # the run folder: relative paths a notebook writes land there
         progress_bar=progress,
     )
 

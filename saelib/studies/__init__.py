@@ -1,35 +1,29 @@
-"""The studies: one notebook, one params dataclass and one default params file each."""
+"""The studies: one module each, with its params type, functions and a ``STUDY`` record.
+
+A module of this package that defines ``STUDY`` is a study; adding one needs no change here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import importlib
+import pkgutil
 
-from saelib.studies.progressive_orthogonality import ProgressiveOrthoParams
-from saelib.studies.topk_grid import TopKGridParams
+from saelib.studies.record import Study
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass(frozen=True)
-class Study:
-    name: str
-    params_class: type
-
-    @property
-    def notebook(self) -> Path:
-        return PROJECT_ROOT / "notebooks" / f"{self.name}.ipynb"
-
-    @property
-    def default_params(self) -> Path:
-        return PROJECT_ROOT / "params" / f"{self.name}.yaml"
-
-    @property
-    def smoke_params(self) -> Path:
-        return PROJECT_ROOT / "params" / f"{self.name}.smoke.yaml"
+SHARED_MODULES = {"claims", "common", "record", "results"}
 
 
-STUDIES: dict[str, Study] = {
-    "topk_grid": Study("topk_grid", TopKGridParams),
-    "progressive_orthogonality": Study("progressive_orthogonality", ProgressiveOrthoParams),
-}
+def _discover() -> dict[str, Study]:
+    found: dict[str, Study] = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.name in SHARED_MODULES or module.ispkg:
+            continue
+        record = getattr(importlib.import_module(f"{__name__}.{module.name}"), "STUDY", None)
+        if isinstance(record, Study):
+            found[record.name] = record
+    return dict(sorted(found.items()))
+
+
+STUDIES: dict[str, Study] = _discover()
+
+__all__ = ["STUDIES", "Study"]

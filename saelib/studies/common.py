@@ -1,5 +1,5 @@
-"""What the study params have in common: where the SAEs read, how they train, and the checks
-every study runs before any compute (seeds, device, dataset, layer, memory)."""
+"""What the SAE studies have in common: where the SAEs read, how they train, the train/validation
+data, and the checks every study runs before any compute (seeds, device, dataset, layer, memory)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import importlib.util
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from saelib.activations import HarvestConfig
+from saelib.activations import ActivationSet, HarvestConfig, harvest
 from saelib.data import DATASET_SUFFIXES, EMBEDDED_DATASETS
 from saelib.params import ParamsError, require_layer_in_model, require_unique
 from saelib.training import TrainConfig
@@ -47,8 +48,10 @@ class SAEStudyParams:
         check_memory(self, d_saes, size_name)
 
     def sae_metadata(self) -> dict:
-        """Where the SAEs read their input; stored in every checkpoint."""
-        return {"model": self.model, "layer": self.layer, "dataset": self.dataset}
+        """Where the SAEs read their input, with the full harvest; stored in every checkpoint."""
+        harvest = self.harvest_config().to_dict()
+        return {"model": self.model, "layer": self.layer, "dataset": self.dataset,
+                "harvest": harvest}  # fmt: skip
 
     def harvest_config(self) -> HarvestConfig:
         return HarvestConfig(
@@ -71,6 +74,22 @@ class SAEStudyParams:
             checkpoint_every=self.checkpoint_every,
         )
         return TrainConfig(**(common | overrides))
+
+
+@dataclass
+class SplitData:
+    """The harvested activations, split by document into training and validation vectors."""
+
+    activations: ActivationSet
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def load_split(params: SAEStudyParams, progress: bool = True) -> SplitData:
+    """Harvest (or read from the cache) and split by document into train and validation."""
+    activations = harvest(params.harvest_config(), progress=progress)
+    train_rows, val_rows = activations.split_by_document(params.val_fraction, seed=0)
+    return SplitData(activations, activations.acts[train_rows], activations.acts[val_rows])
 
 
 def check_seed_range(seeds: Sequence[int]) -> None:

@@ -6,10 +6,10 @@ seeds, trained together from one pass over cached activations and evaluated with
 
 from __future__ import annotations
 
-import math
 import string
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -23,12 +23,16 @@ from saelib.params import (
     require_unique,
 )
 from saelib.saes import TopKConfig, TopKSAE
-from saelib.studies.common import SAEStudyParams
+from saelib.studies.claims import Claim, compare_to_reference, describe, summarize_seeds
+from saelib.studies.common import SAEStudyParams, SplitData
+from saelib.studies.record import Headline, Study
+from saelib.studies.results import StudyResults, as_float, claims_held, mean
 from saelib.training import SAESpec
 from saelib.training.losses import TopKLoss
 from saelib.training.orthogonality import SCHEDULES, OrthogonalTopKLoss, make_penalty
 
 RUN_NAMES = ["baseline", "static", *SCHEDULES]
+CONTROLS = ("baseline", "static")
 
 # The original's table (gemma-2-2b, layer 12, d_sae 16384, k 40, one seed, SAEBench).
 ORIGINAL_RESULTS = pd.DataFrame(
@@ -116,7 +120,9 @@ def build_specs(params: ProgressiveOrthoParams, d_in: int) -> list[SAESpec]:
         for seed in params.seeds:
             config = TopKConfig(d_in, params.d_sae, params.k, use_decoder_bias=True)
             sae = TopKSAE(config, generator=torch.Generator().manual_seed(seed))
-            specs.append(SAESpec(spec_name(run, seed), sae, _loss(params, run), metadata))
+            labels = {"run": run, "seed": seed}
+            loss = _loss(params, run)
+            specs.append(SAESpec(spec_name(run, seed), sae, loss, metadata, labels=labels))
     return specs
 
 
@@ -138,38 +144,8 @@ def _loss(params: ProgressiveOrthoParams, run: str):
 
 def summarize(per_seed: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Mean and std over seeds per run, in the order of RUN_NAMES; diverged SAEs left out."""
-    per_seed = per_seed[per_seed["status"] != "diverged"]
-    grouped = per_seed.groupby("run")[metrics].agg(["mean", "std"])
-    grouped.columns = [f"{metric}_{stat}" for metric, stat in grouped.columns]
-    order = [run for run in RUN_NAMES if run in grouped.index]
-    return grouped.loc[order]
-
-
-@dataclass
-class Comparison:
-    metric: str
-    run: str
-    difference: float  # run mean - baseline mean
-    spread: float  # sqrt(std_run^2 + std_baseline^2)
-
-    @property
-    def beyond_spread(self) -> bool:
-        return abs(self.difference) > self.spread
-
-
-def compare_to_baseline(summary: pd.DataFrame, metric: str) -> list[Comparison]:
-    base_mean = summary.loc["baseline", f"{metric}_mean"]
-    base_std = summary.loc["baseline", f"{metric}_std"]
-    comparisons = []
-    for run in summary.index.drop("baseline"):
-        mean, std = summary.loc[run, f"{metric}_mean"], summary.loc[run, f"{metric}_std"]
-        spread = math.hypot(_zero_if_nan(std), _zero_if_nan(base_std))
-        comparisons.append(Comparison(metric, run, float(mean - base_mean), float(spread)))
-    return comparisons
-
-
-def _zero_if_nan(value: float) -> float:
-    return 0.0 if value != value else float(value)
+    summary = summarize_seeds(per_seed, "run", metrics)
+    return summary.loc[[run for run in RUN_NAMES if run in summary.index]]
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -243,7 +219,9 @@ def evaluate_all(
     core_config, absorption_config, probing_config = eval_configs(params)
     saes = {result.name: result.sae for result in results if result.status != "diverged"}
     core = run_core_eval_many(saes, context.lm, params.layer, core_config)
-    rows = [_diverged_row(result.name) for result in results if result.status == "diverged"]
+    labels = {result.name: result.labels for result in results}
+    rows = [labels[result.name] | {"status": "diverged"}  # not evaluated: metrics stay NaN
+            for result in results if result.status == "diverged"]  # fmt: skip
     for name, sae in saes.items():
         absorption = absorption_from_data(sae, context.absorption, absorption_config, False)
         probing = run_sparse_probing(
@@ -253,21 +231,12 @@ def evaluate_all(
             for kind, output in (("core", core[name]), ("absorption", absorption)):
                 output.save(eval_dir / f"{name}.{kind}.json")
             probing.save(eval_dir / f"{name}.sparse_probing.json")
-        rows.append(_row(name, core[name], absorption, probing))
+        rows.append(labels[name] | _metrics_row(core[name], absorption, probing))
     return pd.DataFrame(rows)
 
 
-def _diverged_row(name: str) -> dict:
-    """A diverged SAE is not evaluated: its metrics stay NaN."""
-    run, seed = name.rsplit("_s", 1)
-    return {"run": run, "seed": int(seed), "status": "diverged"}
-
-
-def _row(name: str, core, absorption, probing) -> dict:
-    run, seed = name.rsplit("_s", 1)
+def _metrics_row(core, absorption, probing) -> dict:
     return {
-        "run": run,
-        "seed": int(seed),
         "explained_variance": core.explained_variance,
         "mse": core.mse,
         "cosine_similarity": core.cosine_similarity,
@@ -287,14 +256,7 @@ def _row(name: str, core, absorption, probing) -> dict:
 # ------------------------------------------------------------------------------------ claims
 
 
-@dataclass
-class ClaimPart:
-    statement: str
-    holds: bool
-    evidence: str
-
-
-def check_claim(summary: pd.DataFrame) -> list[ClaimPart]:
+def check_claim(summary: pd.DataFrame) -> list[Claim]:
     """The original claim in three parts, judged run by run against the baseline's spread."""
     progressive = [run for run in summary.index if run.startswith("run")]
     if "baseline" not in summary.index or not progressive:
@@ -303,50 +265,44 @@ def check_claim(summary: pd.DataFrame) -> list[ClaimPart]:
     probing = _compared(summary, "probe_top1", progressive)
     reconstruction = _compared(summary, "explained_variance", progressive)
     return [
-        ClaimPart(
+        Claim(
             "absorption is much lower than the baseline's (below it beyond the seed spread, "
             "and by at least a third)",
             all(c.difference < -c.spread and c.difference < -base / 3 for c, base in absorption),
-            _describe(absorption),
+            describe([c for c, _ in absorption]),
         ),
-        ClaimPart(
+        Claim(
             "sparse-probing top-1 accuracy is a little higher (above the baseline's beyond "
             "the seed spread)",
             all(c.difference > c.spread for c, _ in probing),
-            _describe(probing),
+            describe([c for c, _ in probing]),
         ),
-        ClaimPart(
+        Claim(
             "reconstruction is roughly equal (EV within 0.01 of the baseline's or within "
             "the seed spread)",
             all(abs(c.difference) <= max(0.01, c.spread) for c, _ in reconstruction),
-            _describe(reconstruction),
+            describe([c for c, _ in reconstruction]),
         ),
     ]
 
 
-def _compared(summary, metric, runs) -> list[tuple[Comparison, float]]:
+def _compared(summary, metric, runs):
+    """(comparison with the baseline, |baseline mean|) for each of ``runs``."""
     base = float(summary.loc["baseline", f"{metric}_mean"])
-    chosen = [c for c in compare_to_baseline(summary, metric) if c.run in runs]
+    chosen = compare_to_reference(summary, metric, "baseline", runs)
     return [(comparison, abs(base)) for comparison in chosen]
 
 
-def _describe(comparisons) -> str:
-    return "; ".join(
-        f"{c.run}: {c.difference:+.4f} (spread {c.spread:.4f})" for c, _ in comparisons
-    )
-
-
-def separation_table(snapshots: dict[str, list]) -> pd.DataFrame:
+def separation_table(snapshots: dict[str, list], results: list) -> pd.DataFrame:
     """One row per (SAE, progress point) with the headline separation numbers."""
+    labels = {result.name: result.labels for result in results}
     rows = []
     for name, taken in snapshots.items():
-        run, seed = name.rsplit("_s", 1)
         for snapshot in taken:
             co, cos = snapshot.coactivation, snapshot.decoder_cosine
             rows.append(
-                {
-                    "run": run,
-                    "seed": int(seed),
+                labels[name]
+                | {
                     "progress": snapshot.progress,
                     "mean_n_ij": co.mean_n_ij,
                     "frac_n_ij_above_0.5": co.frac_pairs_above[0.5],
@@ -356,3 +312,61 @@ def separation_table(snapshots: dict[str, list]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------ results and record
+
+
+def write_results(
+    run_dir: Path,
+    params: ProgressiveOrthoParams,
+    data: SplitData,
+    per_seed: pd.DataFrame,
+    summary: pd.DataFrame,
+    seconds: dict[str, float],
+    total_steps: int,
+) -> StudyResults:
+    """Judge the claim and write ``results.json`` into ``run_dir``."""
+    results = StudyResults.from_tables(
+        STUDY.name, params, per_seed, summary,
+        claims=check_claim(summary),
+        seconds=seconds,
+        extra={"n_train_vectors": len(data.train), "n_val_vectors": len(data.val),
+               "total_steps": total_steps},
+    )  # fmt: skip
+    results.save(run_dir)
+    return results
+
+
+def headlines(results: dict[str, Any]) -> dict[str, Headline]:
+    """The index page's numbers: baseline against the progressive runs' mean, claim verdicts."""
+    rows = {row["run"]: row for row in results["summary"]}
+    progressive = [row for run, row in rows.items() if str(run).startswith("run")]
+    numbers = {
+        f"{label} (baseline → runs)": _versus_baseline(rows.get("baseline"), progressive, column)
+        for column, label in (
+            ("absorption_rate", "absorption"),
+            ("probe_top1", "probe top-1"),
+            ("explained_variance", "EV"),
+        )
+    }
+    numbers["claim parts held"] = claims_held(results["claims"])
+    return numbers
+
+
+def _versus_baseline(baseline: dict | None, runs: list[dict], metric: str) -> Headline:
+    column = f"{metric}_mean"
+    base = f"{as_float(baseline[column]):.3f}" if baseline is not None else "–"
+    average = f"{mean([as_float(row[column]) for row in runs]):.3f}" if runs else "–"
+    return Headline(f"{base} → {average}", f"baseline vs mean of the {len(runs)} progressive runs")
+
+
+STUDY = Study(
+    name="progressive_orthogonality",
+    params_class=ProgressiveOrthoParams,
+    description="progressive sparsity-guided orthogonality for TopK SAEs: runs 1-7, controls",
+    headlines=headlines,
+    key_params=("model", "layer", "dataset", "max_tokens", "d_sae", "k", "runs", "seeds",
+                "epochs", "penalty"),
+    controls=CONTROLS,
+)  # fmt: skip

@@ -6,16 +6,14 @@ Spec: ``studies/topk_grid.md`` (the report this reproduces). The notebook
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from saelib.activations import ActivationSet, harvest
 from saelib.evals.metrics import evaluate, pareto_optimal
 from saelib.params import (
     ParamsError,
@@ -27,7 +25,10 @@ from saelib.params import (
     require_unique,
 )
 from saelib.saes import TopKConfig, TopKSAE
-from saelib.studies.common import SAEStudyParams
+from saelib.studies.claims import Claim, seed_spread, summarize_seeds
+from saelib.studies.common import SAEStudyParams, SplitData
+from saelib.studies.record import Headline, Study
+from saelib.studies.results import StudyResults, as_float, claims_held, mean
 from saelib.training import SAESpec, TrainConfig, TrainResult, train_saes
 from saelib.training.losses import TopKLoss
 
@@ -94,20 +95,6 @@ class TopKGridParams(SAEStudyParams):
         return super().train_config(grad_clip_norm=None)  # the report clips nothing
 
 
-@dataclass
-class GridData:
-    activations: ActivationSet
-    train: torch.Tensor
-    val: torch.Tensor
-
-
-def load_data(params: TopKGridParams, progress: bool = True) -> GridData:
-    """Harvest (or read from the cache) and split by document into train and validation."""
-    activations = harvest(params.harvest_config(), progress=progress)
-    train_rows, val_rows = activations.split_by_document(params.val_fraction, seed=0)
-    return GridData(activations, activations.acts[train_rows], activations.acts[val_rows])
-
-
 def config_name(k: int, latent_dim: int, seed: int) -> str:
     return f"k{k}_d{latent_dim}_s{seed}"
 
@@ -121,12 +108,13 @@ def build_specs(params: TopKGridParams, d_in: int) -> list[SAESpec]:
                 sae = TopKSAE(config, generator=torch.Generator().manual_seed(seed))
                 loss = TopKLoss(params.auxk_alpha, reconstruction=params.reconstruction_loss)
                 name = config_name(k, latent_dim, seed)
-                specs.append(SAESpec(name, sae, loss, metadata=params.sae_metadata()))
+                labels = {"k": k, "latent_dim": latent_dim, "seed": seed}
+                specs.append(SAESpec(name, sae, loss, params.sae_metadata(), labels=labels))
     return specs
 
 
 def train_grid(
-    params: TopKGridParams, data: GridData, checkpoint_dir: Path | None, progress: bool = True
+    params: TopKGridParams, data: SplitData, checkpoint_dir: Path | None, progress: bool = True
 ) -> list[TrainResult]:
     """Every (k, latent_dim, seed) SAE, trained together: each batch is read once for all."""
     specs = build_specs(params, data.train.shape[1])
@@ -135,22 +123,17 @@ def train_grid(
     )
 
 
-def evaluate_grid(results: list[TrainResult], data: GridData) -> pd.DataFrame:
+def evaluate_grid(results: list[TrainResult], data: SplitData) -> pd.DataFrame:
     """One row per trained SAE: its config, validation metrics and training time."""
     rows = []
     for result in results:
-        config = result.sae.config
         metrics = evaluate(result.sae, data.val).to_dict()
         rows.append(
-            {"k": config.k, "latent_dim": config.d_sae, "seed": _seed_of(result.name)}
+            result.labels
             | metrics
             | {"train_seconds": result.seconds, "steps": result.steps, "status": result.status}
         )
     return pd.DataFrame(rows)
-
-
-def _seed_of(name: str) -> int:
-    return int(name.rsplit("_s", 1)[1])
 
 
 METRIC_COLUMNS = [
@@ -171,12 +154,7 @@ def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
 
     Diverged SAEs are left out (``n_seeds`` counts the rest).
     """
-    per_seed = per_seed[per_seed["status"] != "diverged"]
-    grouped = per_seed.groupby(["k", "latent_dim"])[METRIC_COLUMNS]
-    summary = grouped.agg(["mean", "std"])
-    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
-    summary["n_seeds"] = per_seed.groupby(["k", "latent_dim"]).size()
-    return summary.reset_index()
+    return summarize_seeds(per_seed, ["k", "latent_dim"], METRIC_COLUMNS).reset_index()
 
 
 def with_reported(summary: pd.DataFrame) -> pd.DataFrame:
@@ -209,17 +187,6 @@ def pareto_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-@dataclass
-class Claim:
-    number: int
-    statement: str
-    holds: bool
-    evidence: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def check_claims(summary: pd.DataFrame, pareto: pd.DataFrame) -> list[Claim]:
     """The report's four claims, each judged on our seed means, with the numbers behind it."""
     return [
@@ -244,14 +211,14 @@ def _claim_all_pareto(summary: pd.DataFrame, pareto: pd.DataFrame) -> Claim:
         rivals = summary[(summary.k <= row.k) & (summary.latent_dim <= row.latent_dim)]
         best = rivals.loc[rivals.explained_variance_mean.idxmax()]
         margin = best.explained_variance_mean - row.explained_variance_mean
-        spread = math.hypot(best.explained_variance_std, row.explained_variance_std)
+        spread = seed_spread(best.explained_variance_std, row.explained_variance_std)
         parts.append(
             f"K={row.k}, latent_dim={row.latent_dim} is dominated by K={best.k:.0f}, "
             f"latent_dim={best.latent_dim:.0f} by {margin:.4f} EV "
             f"({'within' if margin <= spread else 'beyond'} the seed spread {spread:.4f})"
         )
     statement = "All configs are Pareto-optimal (axes: EV up, K down, latent_dim down)"
-    return Claim(1, statement, holds, "; ".join(parts))
+    return Claim(statement, holds, "; ".join(parts), number=1)
 
 
 def _claim_k_dominates(summary: pd.DataFrame) -> Claim:
@@ -266,7 +233,7 @@ def _claim_k_dominates(summary: pd.DataFrame) -> Claim:
         f"(EV spread across latent_dim per K: {_fmt(dict_spread)})"
     )
     statement = "K dominates quality; dictionary size adds < 2 EV points"
-    return Claim(2, statement, k_dominates and dict_small, evidence)
+    return Claim(statement, k_dominates and dict_small, evidence, number=2)
 
 
 def _claim_death_trends(summary: pd.DataFrame) -> Claim:
@@ -279,7 +246,8 @@ def _claim_death_trends(summary: pd.DataFrame) -> Claim:
         f"pairs and falls with K in {falls_with_k[0]}/{falls_with_k[1]}; "
         f"death rate (%) by K x latent_dim: {(death * 100).round(1).to_dict('index')}"
     )
-    return Claim(3, "Death rate rises with dictionary size and falls with K", holds, evidence)
+    statement = "Death rate rises with dictionary size and falls with K"
+    return Claim(statement, holds, evidence, number=3)
 
 
 def _claim_activation_size(summary: pd.DataFrame) -> Claim:
@@ -291,7 +259,8 @@ def _claim_activation_size(summary: pd.DataFrame) -> Claim:
         f"{k}: {row.mean_activation_mean:.3g} / {row.max_activation_mean:.3g}"
         for k, row in by_k.iterrows()
     )
-    return Claim(4, "Smaller K gives larger activations (mean and max)", holds, evidence)
+    statement = "Smaller K gives larger activations (mean and max)"
+    return Claim(statement, holds, evidence, number=4)
 
 
 def _monotone_pairs(values: np.ndarray, axis: int, increasing: bool) -> tuple[int, int]:
@@ -303,3 +272,62 @@ def _monotone_pairs(values: np.ndarray, axis: int, increasing: bool) -> tuple[in
 
 def _fmt(series: pd.Series) -> str:
     return ", ".join(f"{index}: {value:.3f}" for index, value in series.items())
+
+
+# ------------------------------------------------------------------------ results and record
+
+
+def write_results(
+    run_dir: Path,
+    params: TopKGridParams,
+    data: SplitData,
+    per_seed: pd.DataFrame,
+    summary: pd.DataFrame,
+    seconds: dict[str, float],
+) -> StudyResults:
+    """Judge the claims and write ``results.json`` (and the Pareto sets) into ``run_dir``."""
+    pareto = pareto_table(summary)
+    optimal = pareto[pareto["pareto_ev_vs_k_and_latent_dim"]]
+    axes = {name: [{"column": c, "maximize": m} for c, m in chosen]
+            for name, chosen in PARETO_AXES.items()}  # fmt: skip
+    results = StudyResults.from_tables(
+        STUDY.name, params, per_seed, with_reported(summary),
+        claims=check_claims(summary, pareto),
+        seconds=seconds,
+        extra={
+            "n_train_vectors": len(data.train),
+            "n_val_vectors": len(data.val),
+            "pareto": {"axes": axes, "configs": pareto.to_dict("records"),
+                       "optimal_ev_vs_k_and_latent_dim":
+                           optimal[["k", "latent_dim"]].to_dict("records")},
+        },
+    )  # fmt: skip
+    results.save(run_dir)
+    return results
+
+
+def headlines(results: dict[str, Any]) -> dict[str, Headline]:
+    """The index page's numbers for one run."""
+    summary = results["summary"]
+    best = max(summary, key=lambda row: as_float(row["explained_variance_mean"]))
+    death = [as_float(row["death_rate_mean"]) for row in summary]
+    return {
+        "best EV": Headline(
+            f"{as_float(best['explained_variance_mean']):.3f} "
+            f"(K={best['k']}, latent_dim={best['latent_dim']})",
+            f"highest validation explained variance (mean over seeds) of {len(summary)} configs",
+        ),
+        "mean death rate": Headline(f"{mean(death):.1%}", "mean over the grid's configs"),
+        "claims held": claims_held(results["claims"]),
+        "train vectors": Headline(f"{int(results['extra']['n_train_vectors']):,}"),
+    }
+
+
+STUDY = Study(
+    name="topk_grid",
+    params_class=TopKGridParams,
+    description="TopK quality-sparsity grid: K x dictionary size, several seeds",
+    headlines=headlines,
+    key_params=("model", "layer", "dataset", "max_tokens", "k_values", "latent_dims", "seeds",
+                "epochs"),
+)  # fmt: skip

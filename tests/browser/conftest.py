@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from saelib.runs.runner import kernel_name, outputs_root, render_html
-from saelib.studies import PROJECT_ROOT
+from saelib.studies.record import NOTEBOOKS_DIR
 
 CHROMIUM = Path(os.environ.get("SAELIB_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -79,7 +79,7 @@ def explorer_notebook_run(smoke_run: Path, tmp_path_factory: pytest.TempPathFact
     """notebooks/feature_explorer.ipynb executed by papermill on the smoke run (with its HTML)."""
     import papermill
 
-    notebook = PROJECT_ROOT / "notebooks" / "feature_explorer.ipynb"
+    notebook = NOTEBOOKS_DIR / "feature_explorer.ipynb"
     executed = tmp_path_factory.mktemp("explorer") / "feature_explorer.ipynb"
     papermill.execute_notebook(
         str(notebook),

@@ -8,11 +8,11 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from saelib.studies import PROJECT_ROOT
+from saelib.studies.record import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = PROJECT_ROOT / "notebooks" / "feature_explorer.ipynb"
+NOTEBOOK = NOTEBOOKS_DIR / "feature_explorer.ipynb"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 

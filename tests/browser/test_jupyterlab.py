@@ -25,7 +25,7 @@ import nbformat
 import pytest
 
 from saelib.runs.runner import kernel_name
-from saelib.studies import PROJECT_ROOT
+from saelib.studies.record import NOTEBOOKS_DIR
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ class Lab:
 def lab(browser, smoke_run: Path, tmp_path: Path) -> Iterator[Lab]:
     """The server, stopped at teardown (after the page: ``lab`` comes first in the test)."""
     root = tmp_path / "notebooks"
-    shutil.copytree(PROJECT_ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_*"))
+    shutil.copytree(NOTEBOOKS_DIR, root, ignore=shutil.ignore_patterns(".ipynb_*"))
     _inject_parameters(root / NOTEBOOK, {"run_dir": str(smoke_run), **PARAMETERS})
     port, token = _free_port(), secrets.token_hex(16)
     log = tmp_path / "jupyterlab.log"
