@@ -28,13 +28,14 @@ import os
 import secrets
 import shutil
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from saelib import assets
@@ -121,20 +122,34 @@ class ActivationSet:
 
     def split_by_document(self, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
         """Row indices (train, val), with whole documents on one side so no text leaks across."""
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-        documents = torch.unique(self.doc_index)
-        if len(documents) < 2:
-            raise ValueError("a train/val split by document needs at least two documents")
-        generator = torch.Generator().manual_seed(seed)
-        shuffled = documents[torch.randperm(len(documents), generator=generator)]
-        n_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
-        is_val = torch.isin(self.doc_index, shuffled[:n_val])
-        return torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+        return split_rows_by_document(self.doc_index, val_fraction, seed)
+
+
+def split_rows_by_document(
+    doc_index: Tensor, val_fraction: float, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Row indices (train, val) of rows with these document indices, whole documents on one
+    side: a seeded shuffle of the documents puts ``val_fraction`` of them in val."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    documents = torch.unique(doc_index)
+    if len(documents) < 2:
+        raise ValueError("a train/val split by document needs at least two documents")
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = documents[torch.randperm(len(documents), generator=generator)]
+    n_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
+    is_val = torch.isin(doc_index, shuffled[:n_val])
+    return torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
 
 
 def cache_root() -> Path:
     return assets.cache_dir() / "activations"
+
+
+def cache_folder(config: HarvestConfig, cache_dir: Path | None = None) -> Path:
+    """Where ``config``'s cache lives (it exists once harvested)."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / config.cache_key()
 
 
 def harvest(
@@ -150,8 +165,8 @@ def harvest(
     """
     if on_corrupt not in ("rebuild", "error"):
         raise ValueError(f"on_corrupt must be 'rebuild' or 'error', got {on_corrupt!r}")
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    folder = root / config.cache_key()
+    folder = cache_folder(config, cache_dir)
+    root = folder.parent
     try:  # without the lock: a final folder only ever appears whole
         cached = _load_if_present(folder, config)
     except CorruptCacheError:
@@ -190,12 +205,10 @@ def _load_or_discard(
 
 def _load(folder: Path, config: HarvestConfig) -> ActivationSet:
     """The cache in ``folder``, each shard checked against meta.json before it is parsed."""
-    meta = _read_meta(folder)
-    parts = [_read_shard(folder, entry) for entry in meta["shards"]]
+    meta = read_meta(folder)
+    parts = [read_shard(folder, entry) for entry in meta["shards"]]
     columns = {key: torch.cat([part[key] for part in parts]) for key in COLUMNS}
-    if len(columns["acts"]) != meta["n_vectors"]:
-        problem = f"records {meta['n_vectors']} vectors, the shards hold {len(columns['acts'])}"
-        raise CorruptCacheError(folder, META, problem)
+    _check_count(folder, meta, len(columns["acts"]))
     return ActivationSet(
         acts=columns["acts"],
         doc_index=columns["doc_index"],
@@ -208,7 +221,15 @@ def _load(folder: Path, config: HarvestConfig) -> ActivationSet:
     )
 
 
-def _read_meta(folder: Path) -> dict:
+def _check_count(folder: Path, meta: dict, n_rows: int) -> None:
+    if n_rows != meta["n_vectors"]:
+        problem = f"records {meta['n_vectors']} vectors, the shards hold {n_rows}"
+        raise CorruptCacheError(folder, META, problem)
+
+
+def read_meta(folder: Path) -> dict:
+    """A cache folder's meta.json, checked to list each shard's name, size and sha256."""
+    folder = Path(folder)
     try:
         meta = json.loads((folder / META).read_text())
         shards = meta["shards"]
@@ -234,8 +255,50 @@ def _valid_shard_entry(entry: object) -> bool:
     )
 
 
-def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
-    """Check a shard's size and sha256 against meta.json, then read it."""
+def shard_row_counts(folder: Path, meta: dict) -> list[int]:
+    """Vectors in each shard, from meta.json alone (no shard is read). Caches that predate the
+    per-shard ``rows`` entry hold ``shard_size`` vectors in every shard but the last."""
+    shards = meta["shards"]
+    if all(isinstance(entry.get("rows"), int) for entry in shards):
+        counts = [entry["rows"] for entry in shards]
+    else:
+        size = meta.get("config", {}).get("shard_size")
+        if not isinstance(size, int) or size < 1:
+            raise CorruptCacheError(folder, META, "records neither shard rows nor shard_size")
+        last = meta["n_vectors"] - size * (len(shards) - 1)
+        counts = [size] * (len(shards) - 1) + [last]
+    if min(counts) < 1:
+        raise CorruptCacheError(folder, META, "records a shard without vectors")
+    _check_count(folder, meta, sum(counts))
+    return counts
+
+
+def read_shard(
+    folder: Path, entry: dict, columns: Sequence[str] = COLUMNS, verify: bool = True
+) -> dict[str, Tensor]:
+    """Read ``columns`` of the shard that meta.json's ``entry`` describes, first checking its
+    size and sha256 (``verify``); a shard that fails raises :class:`CorruptCacheError`."""
+    folder = Path(folder)
+    if verify:
+        _verify_shard(folder, entry)
+    name = entry["name"]
+    try:
+        with safe_open(folder / name, framework="pt") as handle:
+            stored = sorted(handle.keys())
+            read = {key: handle.get_tensor(key) for key in columns if key in stored}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as error:
+        problem = f"is not a readable safetensors file ({type(error).__name__})"
+        raise CorruptCacheError(folder, name, problem) from None
+    if stored != sorted(COLUMNS):
+        raise CorruptCacheError(folder, name, f"holds {stored}, not {list(COLUMNS)}")
+    rows = {len(tensor) for tensor in read.values()}
+    if len(rows) > 1 or ("rows" in entry and rows != {entry["rows"]}):
+        raise CorruptCacheError(folder, name, f"holds columns of {sorted(rows)} rows")
+    return read
+
+
+def _verify_shard(folder: Path, entry: dict) -> None:
+    """Check a shard's size and sha256 against meta.json."""
     name = entry["name"]
     path = folder / name
     try:
@@ -249,14 +312,6 @@ def _read_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
         raise CorruptCacheError(folder, name, f"has {size} bytes, {META} records {entry['bytes']}")
     if digest != entry["sha256"]:
         raise CorruptCacheError(folder, name, f"does not match its sha256 in {META}")
-    try:
-        columns = load_file(path)
-    except (OSError, SafetensorError, ValueError, RuntimeError) as error:
-        problem = f"is not a readable safetensors file ({type(error).__name__})"
-        raise CorruptCacheError(folder, name, problem) from None
-    if sorted(columns) != sorted(COLUMNS):
-        raise CorruptCacheError(folder, name, f"holds {sorted(columns)}, not {list(COLUMNS)}")
-    return columns
 
 
 def _sha256(path: Path) -> str:
@@ -318,14 +373,41 @@ def _harvest_into(
     bar.close()
     if collected == 0:
         raise ValueError(f"no tokens matched positions={config.positions!r} in {config.dataset!r}")
+    n_documents = min(start + config.batch_size, len(documents))
+    return _meta(config, collected, n_documents, lm.d_model, writer.close())
+
+
+def _meta(config: HarvestConfig, n_vectors: int, n_documents: int, d_model: int, shards) -> dict:
     return {
         "config": asdict(config),
         "cache_key": config.cache_key(),
-        "n_vectors": collected,
-        "n_documents_read": min(start + config.batch_size, len(documents)),
-        "d_model": lm.d_model,
-        "shards": writer.close(),
+        "n_vectors": n_vectors,
+        "n_documents_read": n_documents,
+        "d_model": d_model,
+        "shards": shards,
     }
+
+
+def write_cache(folder: Path, chunks: Iterable[dict[str, Tensor]], config: HarvestConfig) -> dict:
+    """Write column chunks (``acts``, ``doc_index``, ``position``, ``token_id``) as a cache in
+    the harvest format, shard by shard (``config.shard_size`` vectors each), with its meta.json;
+    return the meta. For caches built outside :func:`harvest`, e.g. synthetic data."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(folder, config.shard_size)
+    n_vectors, n_documents, d_model = 0, 0, 0
+    for chunk in chunks:
+        if sorted(chunk) != sorted(COLUMNS):
+            raise ValueError(f"a chunk must hold the columns {list(COLUMNS)}, not {sorted(chunk)}")
+        writer.add(chunk)
+        n_vectors += len(chunk["acts"])
+        n_documents = max(n_documents, int(chunk["doc_index"].max()) + 1)
+        d_model = chunk["acts"].shape[1]
+    if n_vectors == 0:
+        raise ValueError("write_cache needs at least one vector")
+    meta = _meta(config, n_vectors, n_documents, d_model, writer.close())
+    write_json(folder / META, meta)
+    return meta
 
 
 def residuals_for_texts(
@@ -444,7 +526,8 @@ class _ShardWriter:
         data = save(columns)
         write_bytes(self.folder / name, data)
         sha256 = hashlib.sha256(data).hexdigest()
-        self.shards.append({"name": name, "bytes": len(data), "sha256": sha256})
+        rows = len(columns["acts"])
+        self.shards.append({"name": name, "bytes": len(data), "sha256": sha256, "rows": rows})
 
 
 def _fingerprint(source: str) -> str:
