@@ -15,6 +15,7 @@ from saelib.saes import TopKConfig, TopKSAE, load_sae
 from saelib.training import (
     CheckpointMismatchError,
     SAESpec,
+    StepInfo,
     TrainConfig,
     train_saes,
 )
@@ -105,6 +106,11 @@ class Interrupt(Exception):
     pass
 
 
+def crash_at_step_12(info: StepInfo) -> None:
+    if info.step == 12:
+        raise Interrupt
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(make_sae, toy_acts, tmp_path):
     def sae():  # wide with k=2: some latents go dead, so the AuxK state must be restored too
         return make_sae(d_sae=128, k=2)
@@ -113,13 +119,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(make_sae, toy_acts,
     [reference] = train([SAESpec("sae", sae())], toy_acts, config, tmp_path / "a")
     assert any(entry["dead_fraction"] > 0 for entry in reference.history[10:])
 
-    def crash_at_step_12(step, results):
-        if step == 12:
-            raise Interrupt
-
     folder = tmp_path / "b"
     with pytest.raises(Interrupt):
-        train([SAESpec("sae", sae())], toy_acts, config, folder, callbacks=[crash_at_step_12])
+        train([SAESpec("sae", sae())], toy_acts, config, folder, hooks=[crash_at_step_12])
     assert json.loads((folder / "sae" / "config.json").read_text())["trained_steps"] == 10
 
     [resumed] = train([SAESpec("sae", sae())], toy_acts, config, folder, resume=True)
@@ -232,12 +234,8 @@ def test_resume_restores_the_orthogonality_ema(make_sae, toy_acts, tmp_path):
     config = small_config(checkpoint_every=5)
     [reference] = train([spec()], toy_acts, config, tmp_path / "a")
 
-    def crash_at_step_12(step, results):
-        if step == 12:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train([spec()], toy_acts, config, tmp_path / "b", callbacks=[crash_at_step_12])
+        train([spec()], toy_acts, config, tmp_path / "b", hooks=[crash_at_step_12])
     [resumed] = train([spec()], toy_acts, config, tmp_path / "b")
     assert any(entry["ortho"] > 0 for entry in reference.history)
     assert resumed.history == reference.history
@@ -252,7 +250,7 @@ def test_spec_errors(make_sae, toy_acts):
         train([SAESpec("x", make_sae()), SAESpec("x", make_sae(seed=1))], toy_acts, config)
     with pytest.raises(ValueError, match="at least one"):
         train([], toy_acts, config)
-    with pytest.raises(ValueError, match="matrix"):
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
         train([SAESpec("x", make_sae())], toy_acts[0], config)
 
 

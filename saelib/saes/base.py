@@ -76,7 +76,12 @@ class SAEOutput:
 
 
 class SAE(nn.Module):
-    """Base class: subclasses set ``architecture`` and ``config_class`` and implement forward."""
+    """Base class: subclasses set ``architecture`` and ``config_class`` and implement forward.
+
+    The trainer calls ``before_optimizer_step`` after the backward pass (before gradient
+    clipping and the update) and ``after_optimizer_step`` after each update; an SAE that needs
+    the first training batch (e.g. to place its decoder bias) defines ``on_first_batch(batch)``.
+    """
 
     architecture: ClassVar[str]
     config_class: ClassVar[type[SAEConfig]]
@@ -108,6 +113,13 @@ class SAE(nn.Module):
             return
         parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
         self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def before_optimizer_step(self) -> None:
+        """Keep the update from changing the decoder norms (they are renormalised anyway)."""
+        self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self) -> None:
+        self.normalize_decoder()
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Write ``sae.safetensors`` and ``config.json`` into ``folder`` (each atomically)."""

@@ -74,6 +74,10 @@ class TopKSAE(SAE):
         centred = x - self.b_dec
         return torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices)), indices
 
+    def on_first_batch(self, batch: Tensor) -> None:
+        """Before the first training step: place the decoder bias."""
+        self.init_decoder_bias(batch)
+
     @torch.no_grad()
     def init_decoder_bias(self, batch: Tensor) -> None:
         """Start b_dec at the geometric median of ``batch`` (no-op without a decoder bias)."""

@@ -1,20 +1,31 @@
 """Training: one loop for every model, its losses and penalties, checkpoints and resume."""
 
+from saelib.training.checkpoints import CheckpointMismatchError
 from saelib.training.loop import (
-    CheckpointMismatchError,
     SAESpec,
+    StepInfo,
     TrainConfig,
     TrainResult,
+    TrainSpec,
+    make_optimizer,
     pick_device,
     tensor_fingerprint,
     train_saes,
 )
+from saelib.training.losses import AuxKCapable, Loss, TopKLoss, TrainState
 
 __all__ = [
+    "AuxKCapable",
     "CheckpointMismatchError",
+    "Loss",
     "SAESpec",
+    "StepInfo",
+    "TopKLoss",
     "TrainConfig",
     "TrainResult",
+    "TrainSpec",
+    "TrainState",
+    "make_optimizer",
     "pick_device",
     "tensor_fingerprint",
     "train_saes",

@@ -1,7 +1,10 @@
-"""Training losses. A loss maps (sae, batch, output, state) to named terms with a "total".
+"""Training losses. A loss maps (model, batch, output, state) to named terms with a "total".
 
 ``state`` carries what the trainer knows: training progress p = step / total_steps in [0, 1]
-and which latents are currently dead. Studies add a loss (or wrap one), never a new loop.
+and which latents are currently dead (``None`` for a model whose output does not say which
+latents fired). Studies add a loss (or wrap one), never a new loop. A loss may define
+``check(model)``, which the trainer calls before training to refuse a model it cannot train,
+and ``state_dict``/``load_state_dict`` for state that a resumed run needs.
 
 Loss scale matters: a constant ported from another codebase (an AuxK alpha, a penalty weight,
 an L1 coefficient) only means the same thing under that codebase's reconstruction convention.
@@ -16,11 +19,11 @@ an L1 coefficient) only means the same thing under that codebase's reconstructio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from saelib.saes import SAE, SAEOutput
+from saelib.saes import SAEOutput
 
 ReconstructionLoss = Literal["l2", "mse", "fvu"]
 AuxKForm = Literal["per_dim_variance", "error_variance"]
@@ -32,7 +35,9 @@ AUXK_FORMS: tuple[str, ...] = AuxKForm.__args__
 class TrainState:
     step: int
     total_steps: int
-    dead: Tensor  # (d_sae,) bool: latents that have not fired for dead_after_tokens tokens
+    # (d_sae,) bool: latents that have not fired for dead_after_tokens tokens; None when the
+    # model's output does not say which latents fired
+    dead: Tensor | None = None
 
     @property
     def progress(self) -> float:
@@ -40,9 +45,39 @@ class TrainState:
 
 
 class Loss(Protocol):
+    """Named terms of one step; ``terms["total"]`` is minimised."""
+
     def __call__(
-        self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState
+        self, model: nn.Module, x: Tensor, output: Any, state: TrainState
     ) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
+class AuxKCapable(Protocol):
+    """What the AuxK loss needs of a model: an encoder restricted to given latents, a sparse
+    decoder and the decoder bias (``TopKSAE`` has them)."""
+
+    d_in: int
+    b_dec: Tensor
+
+    def encode_aux(
+        self, x: Tensor, pre_acts: Tensor, dead: Tensor, k_aux: int
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def decode(self, acts: Tensor, indices: Tensor) -> Tensor: ...
+
+
+AUXK_NEEDS = ("d_in", "b_dec", "encode_aux", "decode")
+
+
+def check_auxk_capable(model: nn.Module) -> None:
+    """Refuse, in one line naming the model, a model that cannot train with AuxK."""
+    missing = [name for name in AUXK_NEEDS if not hasattr(model, name)]
+    if missing:
+        raise TypeError(
+            f"AuxK needs a model with {', '.join(AUXK_NEEDS)}; {type(model).__name__} lacks "
+            f"{', '.join(missing)} (turn AuxK off with auxk_alpha=0)"
+        )
 
 
 def reconstruction_loss(x: Tensor, recon: Tensor, kind: ReconstructionLoss = "l2") -> Tensor:
@@ -69,10 +104,10 @@ def total_variance(x: Tensor) -> Tensor:
 
 
 def auxk_loss(
-    sae: SAE,
+    sae: AuxKCapable,
     x: Tensor,
     output: SAEOutput,
-    dead: Tensor,
+    dead: Tensor | None,
     k_aux: int,
     form: AuxKForm = "per_dim_variance",
 ) -> Tensor:
@@ -88,6 +123,11 @@ def auxk_loss(
     - ``"error_variance"`` (dictionary_learning): sum over d_in, mean over the batch of
       (e_hat - e)^2, divided by the error's own variance; no scale.
     """
+    if dead is None:
+        raise ValueError(
+            f"AuxK needs to know the dead latents, but {type(sae).__name__}'s output does not say "
+            "which latents fired (no fired())"
+        )
     n_dead = int(dead.sum())
     if n_dead == 0 or output.pre_acts is None:
         return x.new_zeros((), dtype=x.float().dtype)
@@ -108,8 +148,9 @@ def auxk_loss(
 class TopKLoss:
     """Reconstruction (convention ``reconstruction``) plus ``auxk_alpha`` times the AuxK loss.
 
-    ``auxk_alpha = 0`` disables AuxK. The terms logged are the reconstruction term (``recon``),
-    the per-element MSE for display (``mse``, no gradient), ``auxk`` and ``total``.
+    ``auxk_alpha = 0`` disables AuxK; with AuxK on, the model must be :class:`AuxKCapable`.
+    The terms logged are the reconstruction term (``recon``), the per-element MSE for display
+    (``mse``, no gradient), ``auxk`` and ``total``.
     """
 
     auxk_alpha: float = 1 / 32
@@ -117,11 +158,17 @@ class TopKLoss:
     reconstruction: ReconstructionLoss = "l2"
     auxk_form: AuxKForm = "per_dim_variance"
 
-    def __call__(self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState):
+    def check(self, model: nn.Module) -> None:
+        """Refuse a model this loss cannot train (AuxK on a model without an AuxK encoder)."""
+        if self.auxk_alpha > 0:
+            check_auxk_capable(model)
+
+    def __call__(self, sae: nn.Module, x: Tensor, output: SAEOutput, state: TrainState):
         recon = reconstruction_loss(x, output.recon, self.reconstruction)
         terms = {"recon": recon, "mse": reconstruction_mse(x, output.recon.detach())}
         total = recon
         if self.auxk_alpha > 0:
+            self.check(sae)
             k_aux = self.k_aux or sae.d_in // 2
             aux = auxk_loss(sae, x, output, state.dead, k_aux, self.auxk_form)
             terms["auxk"] = aux
