@@ -68,7 +68,6 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from saelib.evals.common import save_json
-from saelib.saes.sparse_ops import dense_latents
 
 LETTERS = string.ascii_lowercase
 
@@ -303,7 +302,7 @@ def sae_latents(sae, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     for start in range(0, len(x), batch_size):
         batch = torch.from_numpy(x[start : start + batch_size])
         output = sae(batch.to(reference.device, reference.dtype))
-        parts.append(dense_latents(output.acts, output.indices, sae.d_sae).float().cpu())
+        parts.append(output.dense().float().cpu())
     return torch.cat(parts).numpy()
 
 

@@ -38,7 +38,7 @@ from saelib.activations import check_layer
 from saelib.data import load_documents
 from saelib.evals.common import save_json
 from saelib.evals.metrics import ReconstructionMetrics, evaluate
-from saelib.saes import SAE
+from saelib.saes import SAE, SAEOutput
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _eval_batch(
     for name, sae in saes.items():
         output = sae(x)
         recon = output.recon.float()
-        totals[name].add_latents(x, recon, output.acts.float(), output.indices)
+        totals[name].add_latents(x, output)
         sae_logits = _spliced_logits(lm, layer, input_ids, mask, spliced, block_output, recon)
         totals[name].add_logits(clean_logits, sae_logits, ablated_logits, input_ids, mask)
 
@@ -252,12 +252,14 @@ class _Totals:
         self.ce = {"clean": 0.0, "sae": 0.0, "ablation": 0.0}
         self.n_tokens = self.n_kl_tokens = self.n_ce_tokens = 0
 
-    def add_latents(self, x: Tensor, recon: Tensor, acts: Tensor, indices: Tensor) -> None:
+    def add_latents(self, x: Tensor, output: SAEOutput) -> None:
+        """The latent statistics of one batch, from the code's non-zero entries."""
+        recon = output.recon.float()
         self.inputs.append(x.cpu())
-        self.l1_sum += float(acts.abs().sum())
+        self.l1_sum += float(output.acts.float().abs().sum())  # inactive slots hold zeros
         self.shrinkage_sum += float((recon.norm(dim=1) / x.norm(dim=1)).sum())
-        fired = indices[acts > 0].cpu()
-        self.fire_counts += torch.bincount(fired, minlength=len(self.fire_counts))
+        latents = output.active()[1].cpu()
+        self.fire_counts += torch.bincount(latents, minlength=len(self.fire_counts))
         self.n_tokens += len(x)
 
     def add_logits(

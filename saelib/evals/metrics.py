@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelib.saes import SAE
+from saelib.saes import SAE, SAEOutput
 
 
 @dataclass
@@ -44,13 +44,13 @@ class ReconstructionMetrics:
 
 @torch.no_grad()
 def evaluate(sae: SAE, activations: Tensor, batch_size: int = 4096) -> ReconstructionMetrics:
-    """All metrics in one pass over ``activations`` (n, d_in)."""
+    """All metrics in one pass over ``activations`` (n, d_in); any code (fixed-k, variable-k,
+    binary) works: the sparsity metrics read its non-zero entries."""
     device = next(sae.parameters()).device
     sums = _Sums(sae.d_sae, device)
     for start in range(0, len(activations), batch_size):
         x = activations[start : start + batch_size].to(device).float()
-        output = sae(x)
-        sums.add(x, output.recon.float(), output.acts.float(), output.indices)
+        sums.add(x, sae(x))
     return sums.result()
 
 
@@ -65,7 +65,8 @@ class _Sums:
         self.max_act = 0.0
         self.n_elements = 0
 
-    def add(self, x: Tensor, recon: Tensor, acts: Tensor, indices: Tensor) -> None:
+    def add(self, x: Tensor, output: SAEOutput) -> None:
+        recon = output.recon.float()
         error = x - recon
         self.n += len(x)
         self.n_elements += x.numel()
@@ -75,11 +76,11 @@ class _Sums:
         self.err_sum = self.err_sum + error.double().sum(0)
         self.err_sq_sum = self.err_sq_sum + error.double().pow(2).sum(0)
         self.cosine_sum += float(torch.nn.functional.cosine_similarity(x, recon, dim=1).sum())
-        active = acts > 0
-        self.active_count += float(active.sum())
-        self.active_sum += float(acts[active].sum())
-        self.max_act = max(self.max_act, float(acts.max()) if acts.numel() else 0.0)
-        self.fired[indices[active]] = True
+        values = output.active()[2].float()
+        self.active_count += float(output.l0().sum())
+        self.active_sum += float(values.sum())
+        self.max_act = max(self.max_act, float(values.max()) if values.numel() else 0.0)
+        self.fired |= output.fired()
 
     def result(self) -> ReconstructionMetrics:
         n = self.n

@@ -273,7 +273,8 @@ def pooled_latents(
     config: SparseProbingConfig = SparseProbingConfig(),
     progress: bool = True,
 ) -> np.ndarray:
-    """(n_docs, d_sae) mean of the SAE latents over each document's tokens (sparse per token)."""
+    """(n_docs, d_sae) mean of the SAE latents over each document's tokens, summed from each
+    token's non-zero latents (any code: fixed-k, variable-k, binary)."""
     device = next(sae.parameters()).device
     sums = torch.zeros(n_docs * sae.d_sae, device=device)
     step = config.sae_batch_size
@@ -281,9 +282,9 @@ def pooled_latents(
         range(0, len(token_acts), step), desc="probing SAE latents", disable=not progress
     ):
         output = sae(token_acts[start : start + step].to(device))
+        rows, latents, values = output.active()
         docs = doc_index[start : start + step].to(device)
-        flat = docs[:, None] * sae.d_sae + output.indices
-        sums.index_add_(0, flat.reshape(-1), output.acts.float().reshape(-1))
+        sums.index_add_(0, docs[rows] * sae.d_sae + latents, values.float())
     counts = torch.bincount(doc_index, minlength=n_docs).clamp_min(1).to(device)
     return (sums.view(n_docs, sae.d_sae) / counts[:, None]).cpu().numpy()
 

@@ -1,9 +1,12 @@
 """SAE architectures: one module each, registered by name for checkpoint loading."""
 
 from saelib.saes.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, load_sae
+from saelib.saes.relu import ReLUConfig, ReLUSAE
 from saelib.saes.topk import TopKConfig, TopKSAE, geometric_median
 
 __all__ = [
+    "ReLUConfig",
+    "ReLUSAE",
     "SAE",
     "SAE_REGISTRY",
     "SAEConfig",

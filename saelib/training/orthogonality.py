@@ -7,14 +7,15 @@
 
 Only pairs of latents that fire together in the batch can have n_ij > 0, and only those with
 c_ij > 0 contribute, so everything is computed on the co-active pairs of the batch (at most
-B * k^2 of them), never on d_sae x d_sae matrices. The EMA of n_ij (runs 4-7) is kept as a
-sparse tensor of the pairs seen so far, pruned below ``ema_floor``.
+B * m^2 of them for a code of m slots per row, m = k for TopK), never on d_sae x d_sae
+matrices; any SAE output works (fixed-k, variable-k, binary). The EMA of n_ij (runs 4-7) is
+kept as a sparse tensor of the pairs seen so far, pruned below ``ema_floor``.
 
 Notes on the original formulation, kept as options:
 - ``include_diagonal=True`` (the original) makes n_jj = 1, so every active latent also pays a
   penalty on its own activation energy F_jj; the default excludes the diagonal.
 - A falling tau *tightens* the constraint (more pairs exceed it); only lambda2 relaxes it.
-- With non-negative TopK activations the activation penalty acts on co-occurrence, not on
+- With non-negative (TopK, ReLU) activations the activation penalty acts on co-occurrence, not on
   decoder geometry; ``penalty="decoder"`` penalises |cos| of decoder directions instead.
 """
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from saelib.saes import SAE, SAEOutput
+from saelib.saes.coactivation import PairCounts, count_pairs, ordered_pairs
 from saelib.training.losses import TopKLoss, TrainState
 
 TAU_FLOOR = 1e-3
@@ -106,7 +108,7 @@ class OrthogonalityPenalty:
         warmup = min(1.0, state.step / max(self.warmup_fraction * state.total_steps, 1.0))
         weight = self.schedule.weight(p, warmup)
         tau = max(self.schedule.tau(p), TAU_FLOOR)
-        pairs = coactive_pairs(output.acts, output.indices, sae.d_sae, self.include_diagonal)
+        pairs = coactive_pairs(output, self.include_diagonal)
         ratio = self._smoothed(pairs, sae.d_sae, state.step)
         coefficient = ((ratio - tau) / tau).clamp(0.0, 1.0)
         chosen = coefficient > 0
@@ -146,8 +148,7 @@ class OrthogonalityPenalty:
 class CoactivePairs:
     """Ordered pairs (i, j) of latents active together in a batch, with n_ij = C_ij / C_jj.
 
-    Counting is done once per unordered pair (slots a <= b of each row), which halves the sort
-    that dominates the cost; each unordered pair then yields the two ordered ones.
+    Built from :func:`saelib.saes.coactivation.count_pairs` (each unordered pair counted once).
     """
 
     first: Tensor  # (P,) latent i
@@ -155,45 +156,28 @@ class CoactivePairs:
     keys: Tensor  # (P,) i * d_sae + j
     ratio: Tensor  # (P,) n_ij
     unordered: Tensor  # (P,) index of the unordered pair {i, j}
-    slots: tuple[Tensor, Tensor]  # the (a, b) slot pairs within a row
-    entry_mask: Tensor  # (B, T) bool: slot pairs where both latents are active
-    entry_pair: Tensor  # (E,) unordered pair of each active entry
-    n_unordered: int
+    counts: PairCounts  # the unordered pairs and the slot entries behind them
     batch_size: int
 
     def gram(self, acts: Tensor, chosen: Tensor) -> Tensor:
         """F_ij = sum_b f_bi f_bj / B for the chosen ordered pairs, differentiable in ``acts``."""
-        a, b = self.slots
-        products = (acts[:, a] * acts[:, b])[self.entry_mask]
-        summed = products.new_zeros(self.n_unordered).index_add(0, self.entry_pair, products)
+        a, b = self.counts.slots
+        products = (acts[:, a] * acts[:, b])[self.counts.entry_mask]
+        summed = products.new_zeros(len(self.counts.keys))
+        summed = summed.index_add(0, self.counts.entry_pair, products)
         return summed[self.unordered[chosen]] / self.batch_size
 
 
-def coactive_pairs(acts: Tensor, indices: Tensor, d_sae: int, include_diagonal: bool):
-    """Co-activation statistics of a TopK batch (acts, indices: (B, k)) over its active pairs."""
-    k = indices.shape[1]
-    a, b = torch.triu_indices(k, k, offset=0 if include_diagonal else 1, device=indices.device)
-    with torch.no_grad():
-        active = acts > 0
-        both = active[:, a] & active[:, b]
-        low = torch.minimum(indices[:, a], indices[:, b])[both]
-        high = torch.maximum(indices[:, a], indices[:, b])[both]
-        unique_keys, entry_pair, together = torch.unique(
-            low * d_sae + high, return_inverse=True, return_counts=True
-        )
-        fires = torch.bincount(indices[active], minlength=d_sae).float()
-        low, high = unique_keys // d_sae, unique_keys % d_sae
-        pair_index = torch.arange(len(unique_keys), device=indices.device)
-        reverse = low != high  # a diagonal pair (include_diagonal) has one ordering only
-        first = torch.cat([low, high[reverse]])
-        second = torch.cat([high, low[reverse]])
-        counts = torch.cat([together, together[reverse]]).float()
-        ratio = counts / fires[second]
-    return CoactivePairs(
-        first, second, first * d_sae + second, ratio,
-        torch.cat([pair_index, pair_index[reverse]]), (a, b), both, entry_pair,
-        len(unique_keys), acts.shape[0],
-    )  # fmt: skip
+@torch.no_grad()
+def coactive_pairs(output: SAEOutput, include_diagonal: bool) -> CoactivePairs:
+    """Co-activation statistics of a batch's code (any :class:`SAEOutput`) over its active pairs."""
+    d_sae = output.d_sae
+    counts = count_pairs(output.acts, output.indices, d_sae, include_diagonal)
+    fires = torch.bincount(output.active()[1], minlength=d_sae).float()
+    first, second, together, unordered = ordered_pairs(counts.keys, counts.counts, d_sae)
+    ratio = together.float() / fires[second]
+    keys = first * d_sae + second
+    return CoactivePairs(first, second, keys, ratio, unordered, counts, output.acts.shape[0])
 
 
 class PairEMA:

@@ -1,0 +1,73 @@
+"""ReLU sparse autoencoder, trained with an L1 penalty (:class:`saelib.training.l1.L1Loss`).
+
+encode: f = relu((x - b_dec) @ W_enc.T + b_enc), a dense code with a varying number of active
+latents per row. decode: x_hat = f @ W_dec + b_dec.
+
+The decoder directions (rows of W_dec) start as random unit vectors, the encoder as their
+transpose, and stay at unit norm: like a TopK SAE, the training loop drops the gradient along
+each direction before an optimizer step and renormalises after it. So every eval that reads
+W_dec rows as directions applies unchanged, and the L1 term's decoder-norm factor (the
+SAELens / Anthropic form, sum_i f_i ||W_dec_i||) is 1; the loss keeps it so that it stays right
+for a model whose decoder norms are left free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
+from saelib.saes.topk import geometric_median
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    pass
+
+
+@register
+class ReLUSAE(SAE):
+    architecture = "relu"
+    config_class = ReLUConfig
+    config: ReLUConfig
+
+    def __init__(self, config: ReLUConfig, generator: torch.Generator | None = None):
+        super().__init__(config)
+        directions = torch.randn(config.d_sae, config.d_in, generator=generator)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(directions)
+        self.W_enc = nn.Parameter(directions.clone())  # encoder starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in))
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre_acts = self.pre_acts(x)
+        codes = torch.relu(pre_acts)
+        return SAEOutput.from_dense(self.decode(codes), codes, pre_acts.detach())
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(batch, d_sae) pre-activations (x - b_dec) @ W_enc.T + b_enc."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(batch, d_sae) dense code."""
+        return torch.relu(self.pre_acts(x))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, codes, self.W_dec)
+
+    def before_optimizer_step(self) -> None:
+        self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self) -> None:
+        self.normalize_decoder()
+
+    @torch.no_grad()
+    def init_decoder_bias(self, batch: Tensor) -> None:
+        """Start b_dec at the geometric median of ``batch``, as a TopK SAE does."""
+        self.b_dec.copy_(geometric_median(batch))
+
+    def on_first_batch(self, batch: Tensor) -> None:
+        self.init_decoder_bias(batch)
