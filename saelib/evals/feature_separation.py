@@ -3,10 +3,13 @@
 For the progressive-orthogonality study. Definitions:
 
 - Co-activation, on a batch of activations: f = the SAE latents (B x d_sae, after the SAE's
-  activation, e.g. TopK); latent j is active on a sample when f_j > 0. For i != j,
+  activation, e.g. TopK or ReLU; any code); latent j is active on a sample when f_j != 0. For
+  i != j,
   n_ij = #(samples where i and j are both active) / #(samples where j is active).
   n_ij is asymmetric; it is computed for the ordered pairs that co-occur at least once, from the
-  active (sample, latent) entries: at most B * k^2 pairs, never a d_sae x d_sae matrix.
+  active (sample, latent) entries (:mod:`saelib.saes.coactivation`, shared with the
+  orthogonality penalty): at most B * m^2 pairs for m active latents per sample, never a
+  d_sae x d_sae matrix.
   Summaries: a histogram of n_ij over those pairs, the fraction of them with n_ij above each
   threshold, and the number of co-active partners per active latent (latents i != j active
   together with j at least once).
@@ -17,7 +20,7 @@ For the progressive-orthogonality study. Definitions:
   of ``max_latents`` latents is used: the pair statistics are over pairs within the subset, the
   max |cos| of each sampled latent is taken over all d_sae latents.
 
-:class:`SeparationRecorder` is a :func:`saelib.training.train_saes` callback that takes one
+:class:`SeparationRecorder` is a :func:`saelib.training.train_saes` hook that takes one
 :class:`SeparationSnapshot` per SAE at given fractions of training.
 """
 
@@ -29,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +40,10 @@ from torch import Tensor
 
 from saelib.evals.common import save_json
 from saelib.saes import SAE
+from saelib.saes.coactivation import count_pairs, ordered_pairs
+
+if TYPE_CHECKING:
+    from saelib.training import StepInfo
 
 THRESHOLDS = (0.5, 0.8, 0.9)
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
@@ -105,9 +113,11 @@ class SeparationSnapshot:
 def coactivation_pairs(
     sae: SAE, acts: Tensor, batch_size: int = 1024, max_pair_entries: int = 1 << 22
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(i, j, n_ij, count_j): every ordered co-occurring pair of latents on ``acts``.
+    """(i, j, n_ij, count_j): every ordered co-occurring pair of latents on ``acts``, in order of
+    i * d_sae + j. ``count_j`` (d_sae,) is how many samples each latent is active on.
 
-    ``count_j`` (d_sae,) is how many samples each latent is active on.
+    The pairs are counted by :func:`saelib.saes.coactivation.count_pairs` in chunks of rows of
+    about ``max_pair_entries`` slot pairs, and merged as they go (bounded memory).
     """
     if len(acts) == 0:
         raise ValueError("co-activation statistics need at least one activation vector")
@@ -116,18 +126,20 @@ def coactivation_pairs(
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     for start in range(0, len(acts), batch_size):
         output = sae(acts[start : start + batch_size].to(device).float())
-        latent = output.indices.masked_fill(output.acts <= 0, -1)  # -1: not active
-        fired += torch.bincount(latent[latent >= 0], minlength=sae.d_sae)
-        rows_per_chunk = max(1, max_pair_entries // latent.shape[1] ** 2)
-        for chunk in latent.split(rows_per_chunk):
-            chunk_keys, chunk_counts = _pair_keys(chunk, sae.d_sae).unique(return_counts=True)
-            keys.append(chunk_keys)
-            counts.append(chunk_counts)
+        fired += torch.bincount(output.active()[1], minlength=sae.d_sae)
+        rows_per_chunk = max(1, max_pair_entries // output.indices.shape[1] ** 2)
+        for chunk_acts, chunk_indices in zip(
+            output.acts.split(rows_per_chunk), output.indices.split(rows_per_chunk), strict=True
+        ):
+            pairs = count_pairs(chunk_acts, chunk_indices, sae.d_sae)
+            keys.append(pairs.keys)
+            counts.append(pairs.counts)
         if sum(len(part) for part in keys) > 4 * max_pair_entries:
             merged_keys, merged_counts = _merge_counts(keys, counts)  # bounds the memory
             keys, counts = [merged_keys], [merged_counts]
-    keys, together = _merge_counts(keys, counts)
-    i, j = keys // sae.d_sae, keys % sae.d_sae
+    first, second, together, _ = ordered_pairs(*_merge_counts(keys, counts), sae.d_sae)
+    order = (first * sae.d_sae + second).argsort()
+    i, j, together = first[order], second[order], together[order]
     return i, j, together.double() / fired[j], fired  # float64: exact ratios sit on bin edges
 
 
@@ -136,14 +148,6 @@ def _merge_counts(keys: list[Tensor], counts: list[Tensor]) -> tuple[Tensor, Ten
     merged, inverse = torch.cat(keys).unique(return_inverse=True)
     total = torch.zeros(len(merged), dtype=torch.long, device=merged.device)
     return merged, total.index_add_(0, inverse, torch.cat(counts))
-
-
-def _pair_keys(latent: Tensor, d_sae: int) -> Tensor:
-    """i * d_sae + j for every ordered pair of distinct active slots in each row."""
-    first, second = latent[:, :, None], latent[:, None, :]
-    slots = torch.arange(latent.shape[1], device=latent.device)
-    valid = (first >= 0) & (second >= 0) & (slots[:, None] != slots[None, :])
-    return (first * d_sae + second)[valid]
 
 
 def coactivation_stats(
@@ -306,11 +310,11 @@ def _cosine_result(
     )
 
 
-# ---------------------------------------------------------------- training callback
+# ---------------------------------------------------------------- training hook
 
 
 class SeparationRecorder:
-    """``train_saes`` callback: one snapshot per SAE at each fraction of training.
+    """``train_saes`` hook: one snapshot per SAE at each fraction of training.
 
     The snapshot for fraction p is taken right after the step that brings an SAE's completed
     steps to ceil(p * total_steps) (at least 1). With ``path``, snapshots are written there as
@@ -341,12 +345,13 @@ class SeparationRecorder:
         if self.path is not None and self.path.exists():
             self._restore(self.path)
 
-    def __call__(self, step: int, results: list) -> None:
-        for result in results:
+    def __call__(self, info: StepInfo) -> None:
+        """After a training step: a snapshot of each model that has just reached a target."""
+        for result in info.results:
             taken = {s.progress for s in self.snapshots.get(result.name, [])}
             for progress, target in self.target_steps.items():
                 if result.steps == target and progress not in taken:
-                    snapshot = self.snapshot(result.name, result.sae, progress, result.steps)
+                    snapshot = self.snapshot(result.name, result.model, progress, result.steps)
                     self.snapshots.setdefault(result.name, []).append(snapshot)
                     if self.path is not None:
                         self.save(self.path)

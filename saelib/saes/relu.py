@@ -4,11 +4,12 @@ encode: f = relu((x - b_dec) @ W_enc.T + b_enc), a dense code with a varying num
 latents per row. decode: x_hat = f @ W_dec + b_dec.
 
 The decoder directions (rows of W_dec) start as random unit vectors, the encoder as their
-transpose, and stay at unit norm: like a TopK SAE, the training loop drops the gradient along
-each direction before an optimizer step and renormalises after it. So every eval that reads
-W_dec rows as directions applies unchanged, and the L1 term's decoder-norm factor (the
-SAELens / Anthropic form, sum_i f_i ||W_dec_i||) is 1; the loss keeps it so that it stays right
-for a model whose decoder norms are left free.
+transpose, and stay at unit norm: like a TopK SAE it keeps the base class's optimizer-step hooks
+(drop the gradient along each direction before the update, renormalise after it). So every
+eval that reads W_dec rows as directions applies unchanged, and the L1 term's decoder-norm
+factor (the SAELens / Anthropic form, sum_i f_i ||W_dec_i||) is 1; the loss keeps it so that it
+stays right for a model whose decoder norms are left free. The decoder bias starts at the
+geometric median of the first training batch.
 """
 
 from __future__ import annotations
@@ -58,16 +59,7 @@ class ReLUSAE(SAE):
     def decode(self, codes: Tensor) -> Tensor:
         return torch.addmm(self.b_dec, codes, self.W_dec)
 
-    def before_optimizer_step(self) -> None:
-        self.remove_parallel_decoder_grad()
-
-    def after_optimizer_step(self) -> None:
-        self.normalize_decoder()
-
     @torch.no_grad()
-    def init_decoder_bias(self, batch: Tensor) -> None:
-        """Start b_dec at the geometric median of ``batch``, as a TopK SAE does."""
-        self.b_dec.copy_(geometric_median(batch))
-
     def on_first_batch(self, batch: Tensor) -> None:
-        self.init_decoder_bias(batch)
+        """Before the first training step: b_dec starts at the geometric median of ``batch``."""
+        self.b_dec.copy_(geometric_median(batch))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelib.saes import SAE, SAEOutput
 from saelib.training.losses import (
@@ -31,6 +31,11 @@ class L1Loss:
 
     l1_coefficient: float
     reconstruction: ReconstructionLoss = "l2"
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse a model without decoder rows to weight the penalty by."""
+        if not isinstance(getattr(model, "W_dec", None), Tensor):
+            raise TypeError(f"L1Loss needs a model with a W_dec; {type(model).__name__} has none")
 
     def __call__(
         self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState

@@ -20,7 +20,7 @@ from saelib.evals.feature_separation import (
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.saes.sparse_ops import dense_latents
-from saelib.training import SAESpec, TrainConfig, train_saes
+from saelib.training import SAESpec, StepInfo, TrainConfig, train_saes
 
 
 @pytest.fixture
@@ -100,13 +100,13 @@ def test_recorder_fires_exactly_at_the_progress_points(toy_acts, make_sae):
     recorder = SeparationRecorder(toy_acts[-256:], total_steps=total)
     seen, copies = [], {}
 
-    def spy(step, results):
-        seen.append((step, {name: len(snaps) for name, snaps in recorder.snapshots.items()}))
-        if step + 1 in (3, 8):
-            copies[step + 1] = copy.deepcopy(results[0].sae)
+    def spy(info: StepInfo):
+        seen.append((info.step, {name: len(snaps) for name, snaps in recorder.snapshots.items()}))
+        if info.step + 1 in (3, 8):
+            copies[info.step + 1] = copy.deepcopy(info.results[0].model)
 
     specs = [SAESpec("a", make_sae(seed=0)), SAESpec("b", make_sae(seed=1))]
-    train_saes(specs, acts, config, callbacks=[recorder, spy], progress=False)
+    train_saes(specs, acts, config, hooks=[recorder, spy], progress=False)
 
     assert total == 10 and recorder.target_steps == {0.25: 3, 0.5: 5, 0.75: 8, 1.0: 10}
     counts = [sum(per_sae.values()) for _, per_sae in seen]
@@ -127,7 +127,7 @@ def test_recorder_saves_finite_values(tmp_path, toy_acts, make_sae):
     config = TrainConfig(lr=1e-2, batch_size=128, epochs=1, device="cpu")
     recorder = SeparationRecorder(toy_acts[:200], (0.5, 1.0), total_steps=8)
     specs = [SAESpec("sae", make_sae())]
-    train_saes(specs, toy_acts, config, callbacks=[recorder], progress=False)
+    train_saes(specs, toy_acts, config, hooks=[recorder], progress=False)
     saved = json.loads(recorder.save(tmp_path / "separation.json").read_text())
     snapshots = saved["snapshots"]["sae"]
     assert [s["step"] for s in snapshots] == [4, 8]
@@ -140,20 +140,20 @@ def test_recorder_with_a_path_survives_an_interrupted_run(tmp_path, toy_acts, ma
     config = TrainConfig(lr=1e-2, batch_size=128, epochs=1, device="cpu", checkpoint_every=2)
     path, checkpoints = tmp_path / "separation.json", tmp_path / "checkpoints"
 
-    def stop_after_step_6(step, results):
-        if step == 5:
+    def stop_after_step_6(info: StepInfo):
+        if info.step == 5:
             raise KeyboardInterrupt
 
     first = SeparationRecorder(toy_acts[:200], (0.25, 0.5, 1.0), total_steps=8, path=path)
     with pytest.raises(KeyboardInterrupt):
         train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
-                   callbacks=[first, stop_after_step_6], progress=False)  # fmt: skip
+                   hooks=[first, stop_after_step_6], progress=False)  # fmt: skip
     assert [s.step for s in first.snapshots["sae"]] == [2, 4]
 
     again = SeparationRecorder(toy_acts[:200], (0.25, 0.5, 1.0), total_steps=8, path=path)
     assert again.snapshots == first.snapshots  # read back from the file, equal to the originals
     train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
-               callbacks=[again], progress=False)  # fmt: skip
+               hooks=[again], progress=False)  # fmt: skip
     assert [s.step for s in again.snapshots["sae"]] == [2, 4, 8]
     with pytest.raises(ValueError, match="8-step run"):
         SeparationRecorder(toy_acts[:200], total_steps=16, path=path)
