@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes.topk import TopKConfig, TopKSAE
-from saelib.training import SAESpec, TrainConfig, _start_run
-from saelib.training.losses import TopKLoss, TrainState
+from saelib.training import TopKLoss, TrainConfig, TrainState, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -92,16 +91,17 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 def saelib_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
-    """The trainer's step for saelib (saelib.training._train_step without logging/clipping)."""
+    """The trainer's step for saelib (that of saelib.training.train_saes without logging,
+    clipping and the divergence guard), through the SAE's own training hooks."""
     loss = TopKLoss(auxk_alpha=0.0)
     state = TrainState(0, 1, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device))
     with autocast(x.device):
         total = loss(sae, x, sae(x), state)["total"]
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    sae.remove_parallel_decoder_grad()
+    sae.before_optimizer_step()  # drops the decoder-parallel gradient
     optimizer.step()
-    sae.normalize_decoder()
+    sae.after_optimizer_step()  # renormalises the decoder
 
 
 def dense_step(model: DenseTopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
@@ -142,9 +142,7 @@ def trainer_optimizers(
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The optimizer saelib's trainer builds for ``sae``, and one with the same settings for
     ``dense``."""
-    spec = SAESpec("benchmark", sae, TopKLoss(auxk_alpha=0.0))
-    run = _start_run(spec, TrainConfig(device=str(device)), device, 1, None, False)
-    optimizer = run.optimizer
+    optimizer = make_optimizer(sae, TrainConfig(device=str(device)), device)
     return optimizer, type(optimizer)(dense.parameters(), **optimizer.defaults)
 
 

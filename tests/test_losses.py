@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from saelib.training.losses import (
+    AuxKCapable,
     TopKLoss,
     TrainState,
     auxk_loss,
@@ -132,3 +133,19 @@ def test_topk_loss_combines_terms(make_sae, toy_acts, dead):
     assert "auxk" not in plain
     assert torch.equal(plain["total"], plain["recon"])
     torch.testing.assert_close(plain["recon"], reconstruction_mse(x, output.recon))
+
+
+def test_topk_loss_refuses_a_model_without_an_auxk_encoder(make_sae, toy_acts):
+    sae = make_sae(d_sae=D_SAE)
+    assert isinstance(sae, AuxKCapable)
+    TopKLoss().check(sae)  # a TopK SAE has what AuxK needs
+
+    plain = torch.nn.Linear(16, 16)
+    assert not isinstance(plain, AuxKCapable)
+    with pytest.raises(TypeError, match="Linear lacks d_in, b_dec, encode_aux, decode"):
+        TopKLoss().check(plain)
+    TopKLoss(auxk_alpha=0.0).check(plain)  # without AuxK any model with a reconstruction will do
+
+    output = sae(toy_acts[:8])
+    with pytest.raises(ValueError, match="dead latents"):  # no dead-latent tracking
+        TopKLoss()(sae, toy_acts[:8], output, TrainState(0, 10, dead=None))

@@ -285,3 +285,92 @@ def test_history_logs_the_rate_each_step_used(make_sae, toy_acts):
     for entry in result.history:
         assert entry["lr"] == pytest.approx(0.01 * factor(entry["step"]))
     assert result.history[-1]["lr"] > 0  # the last step still updates the weights
+
+
+@dataclass
+class ResampleLatents:
+    """At step ``at``: point some latents' encoder rows along their decoder directions again and
+    reset their Adam moments (as a resampling of dead latents would); one step later, check that
+    the update started from those weights and zero moments."""
+
+    at: int
+    n_latents: int = 8  # latents 0..n_latents-1
+    checked: list = field(default_factory=list)
+    _after_reset: torch.Tensor | None = None
+
+    @property
+    def latents(self) -> slice:
+        return slice(self.n_latents)
+
+    def __call__(self, info: StepInfo) -> None:
+        [result] = info.results
+        sae, optimizer = result.model, result.optimizer
+        state = optimizer.state[sae.W_enc]
+        if info.step == self.at:
+            with torch.no_grad():
+                sae.W_enc[self.latents] = sae.W_dec[self.latents]
+            for parameter in (sae.W_enc, sae.b_enc):
+                optimizer.state[parameter]["exp_avg"][self.latents] = 0.0
+                optimizer.state[parameter]["exp_avg_sq"][self.latents] = 0.0
+            self._after_reset = sae.W_enc[self.latents].detach().clone()
+        elif info.step == self.at + 1 and self._after_reset is not None:
+            # Adam from zero moments: m = (1 - b1) g, v = (1 - b2) g^2, then bias-corrected
+            (beta1, beta2), lr = optimizer.defaults["betas"], optimizer.param_groups[0]["lr"]
+            grad, t = sae.W_enc.grad[self.latents], float(state["step"])
+            assert grad.abs().sum() > 0  # some of them took part in this step
+            m_hat = (1 - beta1) * grad / (1 - beta1**t)
+            v_hat = (1 - beta2) * grad.pow(2) / (1 - beta2**t)
+            expected = self._after_reset - lr * m_hat / (v_hat.sqrt() + 1e-8)
+            torch.testing.assert_close(state["exp_avg"][self.latents], (1 - beta1) * grad)
+            torch.testing.assert_close(sae.W_enc[self.latents].detach(), expected)
+            others = slice(self.n_latents, None)  # not reset: their moments remember more
+            moved = sae.W_enc.grad[others].abs().sum(dim=1) > 0
+            kept = state["exp_avg"][others][moved] - (1 - beta1) * sae.W_enc.grad[others][moved]
+            assert kept.abs().max() > 1e-6
+            self.checked.append(info.step)
+
+
+def test_a_hook_can_change_weights_and_optimizer_state(make_sae, toy_acts, tmp_path):
+    config = small_config(checkpoint_every=5)
+    hook = ResampleLatents(at=9)  # the step just before the checkpoint at 10 steps
+    [reference] = train(
+        [SAESpec("sae", make_sae())], toy_acts, config, tmp_path / "a", hooks=[hook]
+    )
+    assert hook.checked == [10]  # the next step started from the hook's weights and moments
+    [untouched] = train([SAESpec("sae", make_sae())], toy_acts, config)
+    assert not torch.equal(untouched.sae.W_enc, reference.sae.W_enc)
+
+    # the checkpoint at 10 steps holds the change: a run interrupted after it resumes exactly
+    folder = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        train([SAESpec("sae", make_sae())], toy_acts, config, folder,
+              hooks=[ResampleLatents(at=9), crash_at_step_12])  # fmt: skip
+    [resumed] = train([SAESpec("sae", make_sae())], toy_acts, config, folder)
+    assert resumed.history == reference.history
+    assert_same_weights(resumed.sae, reference.sae)
+    for name in ("exp_avg", "exp_avg_sq"):
+        for mine, theirs in zip(resumed.sae.parameters(), reference.sae.parameters(), strict=True):
+            assert torch.equal(
+                resumed.optimizer.state[mine][name], reference.optimizer.state[theirs][name]
+            )
+
+
+def test_specs_labels_and_what_hooks_see(make_sae, toy_acts, tmp_path):
+    sae = make_sae()
+    labels = {"k": 4, "latent_dim": 64, "seed": 0}
+    spec = SAESpec("sae", sae=sae, labels=labels)
+    assert spec.model is spec.sae is sae and spec.loss == TopKLoss()
+    assert SAESpec("sae", model=sae, labels=labels) == spec == SAESpec("sae", sae, None, {}, labels)
+    with pytest.raises(TypeError, match="once"):
+        SAESpec("sae")
+
+    seen: list[StepInfo] = []
+    [result] = train([spec], toy_acts, small_config(epochs=0.5), tmp_path, hooks=[seen.append])
+    assert [info.step for info in seen] == list(range(8))
+    assert [info.progress for info in seen] == [(step + 1) / 8 for step in range(8)]
+    assert [info.results[0].status for info in seen] == ["training"] * 7 + ["complete"]
+    assert result.model is result.sae is sae and result.labels == labels
+    assert isinstance(result.optimizer, torch.optim.Adam)
+    assert result.optimizer.state[sae.W_enc]["exp_avg"].abs().sum() > 0
+    assert json.loads((tmp_path / "sae" / "config.json").read_text())["labels"] == labels
+    assert load_sae(tmp_path / "sae").metadata["labels"] == labels
