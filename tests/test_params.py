@@ -25,6 +25,7 @@ from saelib.studies.common import available_bytes, training_bytes
 from saelib.studies.topk_grid import TopKGridParams
 
 GRID = STUDIES["topk_grid"]
+ORTHO = STUDIES["progressive_orthogonality"]
 
 
 def test_default_and_smoke_params_are_valid():
@@ -57,6 +58,32 @@ def test_integers_are_accepted_for_floats_and_yaml_exponents_are_read():
     assert params.lr == 1e-3 and isinstance(params.epochs, float)
 
 
+@pytest.mark.parametrize(
+    ("study", "name", "text", "expected"),
+    [
+        (GRID, "k_values", "[2, 8]", [2, 8]),  # papermill -p k_values "[2, 8]" passes text
+        (GRID, "seeds", "[3]", [3]),
+        (GRID, "latent_dims", "[32,64]", [32, 64]),
+        (ORTHO, "runs", "[baseline, run1]", ["baseline", "run1"]),
+    ],
+)
+def test_a_list_given_as_text_is_parsed(study, name, text, expected):
+    params = resolve_params(study, study.smoke_params, {name: text})
+    assert getattr(params, name) == expected
+
+
+@pytest.mark.parametrize("text", ["[2, 8", "5", "abc", "{k: 2}"])
+def test_text_that_is_not_a_list_is_refused_for_a_list_param(text):
+    message = f"cli: k_values={text!r} has type str, expected list"
+    with pytest.raises(ParamsError, match=f"^{re.escape(message)}$"):
+        parse_params(TopKGridParams, {"k_values": text}, source="cli")
+
+
+def test_the_items_of_a_list_given_as_text_are_checked():
+    with pytest.raises(ParamsError, match=r"k_values\[1\]='x' has type str, expected int"):
+        parse_params(TopKGridParams, {"k_values": "[2, x]"})
+
+
 def test_cli_reports_a_bad_param_without_running(tmp_path, capsys):
     code = main(["run", "topk_grid", "-f", str(GRID.smoke_params), "-p", "k_values", "[100]"])
     assert code == 2
@@ -66,9 +93,6 @@ def test_cli_reports_a_bad_param_without_running(tmp_path, capsys):
 def test_cli_rejects_an_unknown_study(capsys):
     assert main(["run", "no_such_study"]) == 2
     assert "unknown study 'no_such_study'" in capsys.readouterr().err
-
-
-ORTHO = STUDIES["progressive_orthogonality"]
 
 
 @pytest.mark.parametrize(

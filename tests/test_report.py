@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import yaml
 
 from saelib.__main__ import main
 from saelib.runs.report import build_index, headline_metrics, relative_link, scan_outputs
+from saelib.studies.claims import Claim
+from saelib.studies.results import StudyResults
 
 GRID = "topk_grid"
 ORTHO = "progressive_orthogonality"
@@ -27,24 +30,28 @@ ORTHO_OK, ORTHO_FAILED = "20261122-120000-dddd", "20261118-230000-eeee"
 OTHER_RUN = "20261117-070000-ffff"
 
 
-def _grid_metrics() -> dict:
+def _results(study: str, summary: list[dict], holds: list[bool], **extra) -> str:
+    """A run's results.json as the study writes it (StudyResults)."""
+    claims = [Claim(f"claim <{i}>", held, "", number=i) for i, held in enumerate(holds, 1)]
+    return json.dumps(asdict(StudyResults(study, {}, [], summary, claims, {}, extra)))
+
+
+def _grid_results() -> str:
     summary = [
         {"k": k, "latent_dim": d, "explained_variance_mean": ev, "death_rate_mean": death}
         for k, d, ev, death in [(5, 512, 0.47, 0.8), (100, 2048, 0.81, 0.1), (20, 1024, 0.65, 0.3)]
     ]
-    claims = [{"number": i, "statement": f"claim <{i}>", "holds": i % 2 == 1} for i in range(1, 5)]
-    return {"n_train_vectors": 5905, "summary": summary, "claims": claims}
+    return _results(GRID, summary, [True, False, True, False], n_train_vectors=5905)
 
 
-def _ortho_metrics() -> dict:
+def _ortho_results() -> str:
     values = {"baseline": (0.15, 0.70, 0.60), "static": (0.9, 0.9, 0.9),
               "run1": (0.05, 0.74, 0.59), "run2": (0.07, 0.78, 0.61)}  # fmt: skip
     summary = [
         {"run": run, "absorption_rate_mean": a, "probe_top1_mean": p, "explained_variance_mean": e}
         for run, (a, p, e) in values.items()
     ]
-    claim = [{"statement": "s", "holds": holds, "evidence": ""} for holds in (True, False, True)]
-    return {"summary": summary, "claim": claim}
+    return _results(ORTHO, summary, [True, False, True])
 
 
 def _run(root: Path, study: str, run_id: str, params: dict, **files: str) -> Path:
@@ -61,13 +68,12 @@ def outputs(tmp_path: Path) -> Path:
     root = tmp_path / "outputs"
     grid = {"model": "smollm2-135m", "layer": 26, "k_values": [5, 20, 100]}
     _run(root, GRID, GRID_OK, grid, topk_grid__html="<html>", topk_grid__ipynb="{}",
-         grid_metrics__json=json.dumps(_grid_metrics()))  # fmt: skip
+         results__json=_grid_results())  # fmt: skip
     _run(root, GRID, GRID_RUNNING, grid, topk_grid__ipynb="{}")
-    _run(root, GRID, GRID_BAD, grid, topk_grid__html="x", grid_metrics__json='{"summary": [')
+    _run(root, GRID, GRID_BAD, grid, topk_grid__html="x", results__json='{"summary": [')
     ortho = {"model": "smollm2-135m", "d_sae": 4096, "runs": ["baseline", "run1", "run2"]}
-    metrics = json.dumps(_ortho_metrics())
     notebook = {"progressive_orthogonality__html": "<html>", "progressive_orthogonality__ipynb": ""}
-    _run(root, ORTHO, ORTHO_OK, ortho, **notebook, ortho_metrics__json=metrics)
+    _run(root, ORTHO, ORTHO_OK, ortho, **notebook, results__json=_ortho_results())
     _run(root, ORTHO, ORTHO_FAILED, ortho, progressive_orthogonality__html="<html>")
     metrics = json.dumps({"score": 0.25, "n": 12, "flag": True, "rows": [1]})
     _run(root, "my study", OTHER_RUN, {"alpha": 0.5}, my_study__html="x", result__json=metrics)
@@ -100,6 +106,7 @@ def test_index_lists_runs_with_relative_links_and_metrics(outputs):
     ok = _row(page, GRID_OK)
     assert f'href="topk_grid/{GRID_OK}/topk_grid.html"' in ok
     assert f'href="topk_grid/{GRID_OK}/topk_grid.ipynb"' in ok
+    assert f'href="topk_grid/{GRID_OK}/results.json">results.json</a>' in ok
     assert "2026-11-20 10:15:00" in ok and "complete" in ok
     assert "0.810 (K=100, latent_dim=2048)" in ok and "40.0%" in ok and "2/4" in ok
     assert "5,905" in ok and "k_values=<b>5,20,100</b>" in ok
@@ -111,7 +118,7 @@ def test_index_lists_runs_with_relative_links_and_metrics(outputs):
 
 def test_malformed_json_shows_an_error_cell(outputs):
     row = _row(build_index(outputs).read_text(), GRID_BAD)
-    assert 'class="err"' in row and "malformed grid_metrics.json" in row and "error" in row
+    assert 'class="err"' in row and "malformed results.json" in row and "error" in row
 
 
 def test_orthogonality_baseline_versus_runs(outputs):
@@ -120,7 +127,7 @@ def test_orthogonality_baseline_versus_runs(outputs):
     assert "0.150 → 0.060" in ok  # absorption: baseline, mean of run1 and run2 (not static)
     assert "0.700 → 0.760" in ok and "0.600 → 0.600" in ok and "2/3" in ok
     failed = _row(page, ORTHO_FAILED)
-    assert "failed" in failed and "ortho_metrics.json" not in failed
+    assert "failed" in failed and "results.json" not in failed
 
 
 def test_unknown_study_shows_top_level_numbers(outputs):
@@ -134,13 +141,13 @@ def test_unknown_study_shows_top_level_numbers(outputs):
 def test_unexpected_content_is_an_error_not_a_crash(outputs):
     contents = [{"summary": []}, [1, 2], {"summary": [{"k": 5}], "claims": []}]
     for suffix, content in zip(("0001", "0002", "0003"), contents, strict=True):
-        files = {"topk_grid__html": "", "grid_metrics__json": json.dumps(content)}
+        files = {"topk_grid__html": "", "results__json": json.dumps(content)}
         _run(outputs, GRID, f"20260101-000000-{suffix}", {}, **files)
     _run(outputs, GRID, "20260101-000000-0004", {}, topk_grid__html="", params__yaml="[a: b")
     page = build_index(outputs).read_text()
     for suffix in ("0001", "0002", "0003"):
         row = _row(page, f"20260101-000000-{suffix}")
-        assert "unexpected content in grid_metrics.json" in row and ">error<" in row
+        assert "unexpected content in results.json" in row and ">error<" in row
     assert "params.yaml unreadable" in _row(page, "20260101-000000-0004")
     with pytest.raises(TypeError):
         headline_metrics(GRID, {"summary": [{"explained_variance_mean": "high"}]})
@@ -169,6 +176,13 @@ def test_cli_writes_the_index(outputs, tmp_path, capsys):
     assert main(["report", "--outputs", str(tmp_path / "missing")]) == 2
 
 
+def test_cli_reads_the_outputs_of_the_working_directory(outputs, monkeypatch, capsys):
+    monkeypatch.chdir(outputs.parent)
+    assert main(["report"]) == 0
+    assert f'href="topk_grid/{GRID_OK}/topk_grid.html"' in (outputs / "index.html").read_text()
+    assert str(outputs / "index.html") in capsys.readouterr().out
+
+
 def _status(folder: Path, **state) -> None:
     (folder / "status.json").write_text(json.dumps({"study": GRID, **state}))
 
@@ -192,9 +206,7 @@ def test_status_comes_from_status_json(tmp_path):
     }  # fmt: skip
     for run_id, state in runs.items():
         _status(_run(root, GRID, run_id, grid, topk_grid__ipynb="{}"), **state)
-    (root / GRID / "20260101-000000-0001" / "grid_metrics.json").write_text(
-        json.dumps(_grid_metrics())
-    )
+    (root / GRID / "20260101-000000-0001" / "results.json").write_text(_grid_results())
     _run(root, GRID, "20260101-000000-0007", grid, status__json="{truncated")
     page = build_index(root).read_text()
     expected = {
