@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -158,7 +159,7 @@ def test_search_by_text_shows_token_latents(monkeypatch):
         return ["a", " b", " c"], acts
 
     monkeypatch.setattr(
-        "saelib.features.stats.latent_activations_for_text",
+        "saelib.features.text.latent_activations_for_text",
         fake_latent_activations_for_text,
         raising=False,
     )
@@ -202,3 +203,23 @@ def test_newest_run_and_checkpoint_folders(tmp_path):
         checkpoint_folders(run, ["missing"])
     with pytest.raises(FileNotFoundError, match="no run with checkpoints"):
         newest_run(tmp_path / "empty")
+
+
+def test_checkpoint_folders_pick_seed_zero_by_labels(tmp_path):
+    """Seeds come from the labels checkpoints record; names say nothing about them."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    labels = {
+        "small-a": {"size": 1, "seed": 0},
+        "small-b": {"size": 1, "seed": 1},
+        "large-a": {"size": 2, "seed": 1},
+        "large-b": {"size": 2, "seed": 0},
+        "tiny_s0": {"size": 0, "seed": 2},  # the name's suffix does not count
+    }
+    for name, label in labels.items():
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "config.json").write_text(json.dumps({"labels": label}))
+    assert list(checkpoint_folders(tmp_path / "run")) == ["large-b", "small-a"]
+    assert list(checkpoint_folders(tmp_path / "run", n=1)) == ["large-b"]
+    (checkpoints / "single").mkdir()
+    (checkpoints / "single" / "config.json").write_text(json.dumps({"labels": {"size": 3}}))
+    assert "single" in checkpoint_folders(tmp_path / "run")  # no seed label: its only seed

@@ -1,4 +1,5 @@
-"""Feature statistics against brute force on a hand-made activation set, caching, real model."""
+"""Feature statistics against brute force on a hand-made activation set (for a TopK SAE and a
+ReLU SAE, whose number of active latents varies by row), caching, real model."""
 
 from __future__ import annotations
 
@@ -9,20 +10,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from saelib.activations import ActivationSet, HarvestConfig
-from saelib.features import stats as feature_inspect
-from saelib.features.stats import (
-    FeatureStats,
-    FeatureStatsConfig,
-    compute_feature_stats,
+from saelib.features import store
+from saelib.features.stats import FeatureStats, FeatureStatsConfig, compute_feature_stats
+from saelib.features.store import (
+    checkpoint_harvest_config,
     feature_stats_for_checkpoint,
-    group_boundaries,
-    latent_activations_for_text,
     load_feature_stats,
-    random_keys,
 )
-from saelib.saes.sparse_ops import dense_latents
+from saelib.features.sweeps import group_boundaries, random_keys
+from saelib.features.text import latent_activations_for_text
+from saelib.saes import SAE, SAEConfig, SAEOutput
 
 WORDS = [f"w{index}" for index in range(40)]
 CONTEXT_LENGTH = 18  # shorter than some documents: windows must respect the truncation
@@ -85,13 +85,44 @@ def activation_set(tmp_path, documents) -> ActivationSet:
     )
 
 
-@pytest.fixture
-def sae(make_sae):
-    sae = make_sae(d_in=16, d_sae=32, k=4, seed=1)
+class ReluSAE(SAE):
+    """x -> relu(W_enc x + b_enc): a code whose number of active latents varies by row."""
+
+    architecture = "relu_test"
+    config_class = SAEConfig
+
+    def __init__(self, config: SAEConfig, generator: torch.Generator):
+        super().__init__(config)
+        directions = torch.randn(config.d_sae, config.d_in, generator=generator)
+        self.W_dec = nn.Parameter(nn.functional.normalize(directions, dim=1))
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())
+        self.b_enc = nn.Parameter(torch.full((config.d_sae,), -1.0))
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        codes = torch.relu(x @ self.W_enc.T + self.b_enc)
+        return SAEOutput.from_dense(codes @ self.W_dec, codes)
+
+
+def with_dead_latent(sae: SAE) -> SAE:
     with torch.no_grad():
         sae.b_enc[DEAD] = -100.0
     sae.metadata = {"model": "toy", "layer": 0}
     return sae
+
+
+@pytest.fixture
+def topk_sae(make_sae) -> SAE:
+    return with_dead_latent(make_sae(d_in=16, d_sae=32, k=4, seed=1))
+
+
+@pytest.fixture
+def relu_sae() -> SAE:
+    return with_dead_latent(ReluSAE(SAEConfig(d_in=16, d_sae=32), torch.Generator().manual_seed(1)))
+
+
+@pytest.fixture(params=["topk", "relu"])
+def sae(request) -> SAE:
+    return request.getfixturevalue(f"{request.param}_sae")
 
 
 @pytest.fixture
@@ -106,8 +137,14 @@ def stats(sae, activation_set, unembedding) -> FeatureStats:
 
 def dense(sae, activation_set) -> torch.Tensor:
     with torch.no_grad():
-        output = sae(activation_set.acts)
-    return dense_latents(output.acts, output.indices, sae.d_sae)
+        return sae(activation_set.acts).dense()
+
+
+def test_relu_code_varies_in_width(relu_sae, activation_set):
+    """The second SAE is what it is meant to be: rows differ in their number of latents."""
+    with torch.no_grad():
+        l0 = relu_sae(activation_set.acts).l0()
+    assert l0.min() < 2 and l0.max() > 4
 
 
 def test_density_mean_max_and_histograms_equal_brute_force(stats, sae, activation_set):
@@ -292,8 +329,8 @@ def test_save_load_round_trip(stats, tmp_path):
     assert_same_stats(load_feature_stats(tmp_path / "stats"), stats)
 
 
-def test_checkpoint_stats_are_cached(sae, activation_set, unembedding, tmp_path, monkeypatch):
-    checkpoint = sae.save(tmp_path / "checkpoint", extra=sae.metadata)
+def test_checkpoint_stats_are_cached(topk_sae, activation_set, unembedding, tmp_path, monkeypatch):
+    checkpoint = topk_sae.save(tmp_path / "checkpoint", extra=topk_sae.metadata)
     lm = fake_lm(unembedding)
     first = feature_stats_for_checkpoint(checkpoint, activation_set, lm, CONFIG, progress=False)
     saved = checkpoint / "feature_stats" / "stats.safetensors"
@@ -302,7 +339,7 @@ def test_checkpoint_stats_are_cached(sae, activation_set, unembedding, tmp_path,
     def no_computing(*args, **kwargs):
         raise AssertionError("the cached stats were recomputed")
 
-    monkeypatch.setattr(feature_inspect, "compute_feature_stats", no_computing)
+    monkeypatch.setattr(store, "compute_feature_stats", no_computing)
     second = feature_stats_for_checkpoint(checkpoint, activation_set, lm, CONFIG, progress=False)
     assert saved.stat().st_mtime_ns == modified
     assert_same_stats(first, second)
@@ -353,3 +390,30 @@ def test_real_model_end_to_end(tmp_path):
     tokens, acts = latent_activations_for_text(sae, lm, text, layer=2)
     assert "".join(tokens) == text and acts.shape == (len(tokens), sae.d_sae)
     assert ((acts > 0).sum(1) <= sae.k).all() and (acts > 0).any()
+
+
+def test_harvest_config_comes_from_the_checkpoint_record(tmp_path):
+    recorded = HarvestConfig(layer=3, dataset="gsm8k", positions="last", max_tokens=700)
+    metadata = {"model": recorded.model, "layer": 3, "dataset": "gsm8k"}
+    assert checkpoint_harvest_config({**metadata, "harvest": recorded.to_dict()}) == recorded
+    (tmp_path / "params.yaml").write_text("positions: answer\nmax_tokens: 50\n")
+    overridden = checkpoint_harvest_config(
+        {**metadata, "harvest": recorded.to_dict()}, run_dir=tmp_path, max_tokens=20
+    )
+    assert overridden == replace(recorded, max_tokens=20)  # the run's params play no part
+
+
+def test_harvest_config_of_older_checkpoints_is_guessed(tmp_path):
+    metadata = {"model": "smollm2-135m", "layer": 4, "dataset": "gsm8k"}
+    assert checkpoint_harvest_config(metadata) == HarvestConfig(layer=4)
+    (tmp_path / "params.yaml").write_text("positions: last\nmax_tokens: 50\nepochs: 3\n")
+    guessed = checkpoint_harvest_config(metadata, run_dir=tmp_path, positions="answer")
+    assert guessed == HarvestConfig(layer=4, positions="answer", max_tokens=50)
+    with pytest.raises(ValueError, match="lacks"):
+        checkpoint_harvest_config({"model": "smollm2-135m"})
+
+
+def test_the_earlier_import_path_still_works():
+    from saelib.features.stats import feature_stats_for_checkpoint as moved
+
+    assert moved is feature_stats_for_checkpoint

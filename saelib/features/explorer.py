@@ -13,8 +13,8 @@ click in the browser would.
 
 from __future__ import annotations
 
-import dataclasses
 import html
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import torch
-import yaml
 
-from saelib.activations import HarvestConfig
-from saelib.features.stats import FeatureStats, default_harvest_config
+from saelib.features.stats import FeatureStats
 
 SORT_OPTIONS = [("latent id", "id"), ("density", "density"), ("max activation", "max_activation")]
 NEIGHBOUR_KINDS = {"coactive": "co-activating", "similar": "decoder-similar"}
@@ -287,7 +285,7 @@ class FeatureExplorer:
     # ----- search by text -----
 
     def _run_text(self, sae: torch.nn.Module, text: str) -> tuple[list[str], torch.Tensor]:
-        from saelib.features.stats import latent_activations_for_text
+        from saelib.features.text import latent_activations_for_text  # loads nnsight
 
         layer = self._layer(sae)
         tokens, acts = latent_activations_for_text(sae, self.lm, text, layer)
@@ -414,40 +412,34 @@ def newest_run(outputs: str | Path | None = None) -> Path:
     return max(runs, key=lambda run: (run.name, run.stat().st_mtime))
 
 
-def checkpoint_folders(run_dir: str | Path, names: list[str] | None = None, n: int = 3) -> dict:
-    """``{name: folder}`` of the run's checkpoints: ``names``, or ``n`` of them (seed 0 first)."""
+def checkpoint_folders(
+    run_dir: str | Path, names: list[str] | None = None, n: int = 3
+) -> dict[str, Path]:
+    """``{name: folder}`` of the run's checkpoints: ``names``, or ``n`` of them spread through
+    its seed-0 checkpoints (through all of them when none is seed 0)."""
     folder = Path(run_dir) / "checkpoints"
-    available = sorted(path.name for path in folder.iterdir() if (path / "config.json").exists())
+    configs = {
+        path.name: json.loads((path / "config.json").read_text())
+        for path in folder.iterdir()
+        if (path / "config.json").exists()
+    }
+    available = sorted(configs)
     if names is None:
-        names = _spread([name for name in available if name.endswith("_s0")] or available, n)
+        first_seed = [name for name in available if _is_first_seed(name, configs[name])]
+        names = _spread(first_seed or available, n)
     missing = sorted(set(names) - set(available))
     if missing:
         raise FileNotFoundError(f"{folder} has no checkpoint {missing}; it has {available}")
     return {name: folder / name for name in names}
 
 
-def run_harvest_config(
-    run_dir: str | Path,
-    metadata: dict,
-    max_tokens: int | None = None,
-    positions: str | None = None,
-) -> HarvestConfig:
-    """The activations to compute an SAE's statistics on: by default the run's own harvest.
-
-    Model, layer and dataset come from the checkpoint's ``metadata``; positions, max_tokens and
-    context_length from the run's ``params.yaml`` when it has them (so the training harvest is
-    read back from the activation cache), else :class:`HarvestConfig` defaults. ``max_tokens``
-    and ``positions`` override both.
-    """
-    params_file = Path(run_dir) / "params.yaml"
-    params = yaml.safe_load(params_file.read_text()) if params_file.exists() else {}
-    keys = ("positions", "max_tokens", "context_length")
-    changes = {key: params[key] for key in keys if key in (params or {})}
-    if max_tokens is not None:
-        changes["max_tokens"] = int(max_tokens)
-    if positions is not None:
-        changes["positions"] = positions
-    return dataclasses.replace(default_harvest_config(metadata), **changes)
+def _is_first_seed(name: str, config: dict) -> bool:
+    """Seed 0 by the labels the checkpoint records (no seed label: its only seed). Checkpoints
+    without labels predate them: their names end in ``_s<seed>``."""
+    labels = config.get("labels")
+    if isinstance(labels, dict):
+        return labels.get("seed", 0) == 0
+    return name.endswith("_s0")
 
 
 def _spread(items: list[str], n: int) -> list[str]:
