@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from saelib.activations import HarvestConfig, ShardedSource, write_cache
 from saelib.saes import TopKConfig, TopKSAE, load_sae
 from saelib.training import (
     CheckpointMismatchError,
@@ -374,3 +375,22 @@ def test_specs_labels_and_what_hooks_see(make_sae, toy_acts, tmp_path):
     assert result.optimizer.state[sae.W_enc]["exp_avg"].abs().sum() > 0
     assert json.loads((tmp_path / "sae" / "config.json").read_text())["labels"] == labels
     assert load_sae(tmp_path / "sae").metadata["labels"] == labels
+
+
+def test_training_from_a_streamed_cache_resumes_exactly(make_sae, toy_acts, tmp_path):
+    rows = torch.arange(len(toy_acts))
+    columns = {"acts": toy_acts, "doc_index": rows // 8, "position": rows % 8, "token_id": rows}
+    write_cache(tmp_path / "cache", [columns], HarvestConfig(max_tokens=1024, shard_size=200))
+
+    def source() -> ShardedSource:
+        return ShardedSource(tmp_path / "cache", shards_in_memory=2)
+
+    config = small_config(checkpoint_every=5)
+    [reference] = train([SAESpec("sae", make_sae())], source(), config, tmp_path / "a")
+    assert reference.steps == 32
+    with pytest.raises(Interrupt):
+        train([SAESpec("sae", make_sae())], source(), config, tmp_path / "b",
+              hooks=[crash_at_step_12])  # fmt: skip
+    [resumed] = train([SAESpec("sae", make_sae())], source(), config, tmp_path / "b")
+    assert resumed.history == reference.history
+    assert_same_weights(resumed.sae, reference.sae)
