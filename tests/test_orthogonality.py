@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelib.saes.sparse_ops import dense_latents
+from saelib.saes import ReLUConfig, ReLUSAE
+from saelib.saes.coactivation import count_pairs, ordered_pairs
 from saelib.training.losses import TrainState
 from saelib.training.orthogonality import (
     SCHEDULES,
@@ -36,11 +37,23 @@ def state(step=50, total=100, d_sae=48):
     return TrainState(step, total, torch.zeros(d_sae, dtype=torch.bool))
 
 
+def relu_sae(d_in: int = 16, d_sae: int = 48) -> ReLUSAE:
+    """A ReLU SAE whose rows have different numbers of active latents (a padded code)."""
+    sae = ReLUSAE(ReLUConfig(d_in=d_in, d_sae=d_sae), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)
+    return sae
+
+
 @pytest.mark.parametrize("include_diagonal", [False, True])
 @pytest.mark.parametrize("kind", ["activation", "decoder"])
-def test_penalty_and_gradient_match_dense_reference(make_sae, include_diagonal, kind):
-    sae = make_sae(d_in=16, d_sae=48, k=6)
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_penalty_and_gradient_match_dense_reference(make_sae, include_diagonal, kind, architecture):
+    sae = make_sae(d_in=16, d_sae=48, k=6) if architecture == "topk" else relu_sae()
     x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    if architecture == "relu":
+        l0 = sae(x).l0()
+        assert l0.min() < l0.max(), "the case should have a varying number of active latents"
     penalty = OrthogonalityPenalty(
         static_schedule(0.3, 0.7), include_diagonal=include_diagonal, penalty=kind
     )
@@ -50,8 +63,7 @@ def test_penalty_and_gradient_match_dense_reference(make_sae, include_diagonal, 
     sparse_grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in parameters]
     sae.zero_grad()
 
-    output = sae(x)
-    f = dense_latents(output.acts, output.indices, sae.d_sae)
+    f = sae(x).dense()
     W_dec = sae.W_dec if kind == "decoder" else None
     dense_value = dense_penalty(f, dense_ratio(f.detach()), 0.3, 0.7, include_diagonal, W_dec)
     dense_value.backward()
@@ -73,7 +85,7 @@ def test_ema_of_ratios_matches_dense_ema(make_sae):
         x = torch.randn(64, 16, generator=generator)
         output = sae(x)
         value = penalty(sae, output, state(step=20 + step, total=100, d_sae=32))
-        f = dense_latents(output.acts, output.indices, sae.d_sae).detach()
+        f = output.dense().detach()
         ratio = dense_ratio(f)
         ratio.fill_diagonal_(0)
         ema = ratio if ema is None else 0.95 * ema + 0.05 * ratio
@@ -116,3 +128,24 @@ def test_pair_ema_with_lazy_decay_matches_a_dense_ema():
         observed = torch.zeros(50).index_copy_(0, keys, ratio)
         dense = 0.9 * dense + 0.1 * observed  # absent pairs count as 0
         torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
+
+
+def test_pairs_are_counted_once_from_the_active_slots_of_a_padded_code():
+    acts = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    indices = torch.tensor([[0, 2, 5], [2, 0, 1], [5, 0, 2]])  # zeros: inactive or padding
+    counts = count_pairs(acts, indices, d_sae=6)
+    assert counts.keys.tolist() == [0 * 6 + 2, 0 * 6 + 5, 2 * 6 + 5]
+    assert counts.counts.tolist() == [2, 1, 1]
+    first, second, together, unordered = ordered_pairs(counts.keys, counts.counts, 6)
+    assert list(zip(first.tolist(), second.tolist(), strict=True)) == [
+        (0, 2), (0, 5), (2, 5), (2, 0), (5, 0), (5, 2)
+    ]  # fmt: skip
+    assert together.tolist() == [2, 1, 1, 2, 1, 1] and unordered.tolist() == [0, 1, 2, 0, 1, 2]
+    diagonal = count_pairs(acts, indices, d_sae=6, include_diagonal=True)
+    fires = {0: 2, 2: 3, 5: 1}
+    assert dict(zip(diagonal.keys.tolist(), diagonal.counts.tolist(), strict=True)) == {
+        **{latent * 6 + latent: n for latent, n in fires.items()},
+        2: 2,
+        5: 1,
+        17: 1,
+    }
