@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from saelib.activations import ActivationSet, HarvestConfig
 from saelib.features import store
@@ -22,7 +21,7 @@ from saelib.features.store import (
 )
 from saelib.features.sweeps import group_boundaries, random_keys
 from saelib.features.text import latent_activations_for_text
-from saelib.saes import SAE, SAEConfig, SAEOutput
+from saelib.saes import SAE, ReLUConfig, ReLUSAE, SAEOutput
 
 WORDS = [f"w{index}" for index in range(40)]
 CONTEXT_LENGTH = 18  # shorter than some documents: windows must respect the truncation
@@ -85,24 +84,6 @@ def activation_set(tmp_path, documents) -> ActivationSet:
     )
 
 
-class ReluSAE(SAE):
-    """x -> relu(W_enc x + b_enc): a code whose number of active latents varies by row."""
-
-    architecture = "relu_test"
-    config_class = SAEConfig
-
-    def __init__(self, config: SAEConfig, generator: torch.Generator):
-        super().__init__(config)
-        directions = torch.randn(config.d_sae, config.d_in, generator=generator)
-        self.W_dec = nn.Parameter(nn.functional.normalize(directions, dim=1))
-        self.W_enc = nn.Parameter(self.W_dec.detach().clone())
-        self.b_enc = nn.Parameter(torch.full((config.d_sae,), -1.0))
-
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        codes = torch.relu(x @ self.W_enc.T + self.b_enc)
-        return SAEOutput.from_dense(codes @ self.W_dec, codes)
-
-
 def with_dead_latent(sae: SAE) -> SAE:
     with torch.no_grad():
         sae.b_enc[DEAD] = -100.0
@@ -117,7 +98,10 @@ def topk_sae(make_sae) -> SAE:
 
 @pytest.fixture
 def relu_sae() -> SAE:
-    return with_dead_latent(ReluSAE(SAEConfig(d_in=16, d_sae=32), torch.Generator().manual_seed(1)))
+    sae = ReLUSAE(ReLUConfig(d_in=16, d_sae=32), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)  # a handful of active latents per row, a varying number
+    return with_dead_latent(sae)
 
 
 @pytest.fixture(params=["topk", "relu"])
@@ -329,8 +313,8 @@ def test_save_load_round_trip(stats, tmp_path):
     assert_same_stats(load_feature_stats(tmp_path / "stats"), stats)
 
 
-def test_checkpoint_stats_are_cached(topk_sae, activation_set, unembedding, tmp_path, monkeypatch):
-    checkpoint = topk_sae.save(tmp_path / "checkpoint", extra=topk_sae.metadata)
+def test_checkpoint_stats_are_cached(sae, activation_set, unembedding, tmp_path, monkeypatch):
+    checkpoint = sae.save(tmp_path / "checkpoint", extra=sae.metadata)
     lm = fake_lm(unembedding)
     first = feature_stats_for_checkpoint(checkpoint, activation_set, lm, CONFIG, progress=False)
     saved = checkpoint / "feature_stats" / "stats.safetensors"
@@ -417,3 +401,17 @@ def test_the_earlier_import_path_still_works():
     from saelib.features.stats import feature_stats_for_checkpoint as moved
 
     assert moved is feature_stats_for_checkpoint
+
+
+class SignedSAE(ReLUSAE):
+    """A ReLU SAE without the ReLU: its code has negative values."""
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        codes = self.pre_acts(x)
+        return SAEOutput.from_dense(self.decode(codes), codes)
+
+
+def test_codes_with_negative_values_are_refused(activation_set):
+    sae = SignedSAE(ReLUConfig(d_in=16, d_sae=32), torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="non-negative"):
+        compute_feature_stats(sae, activation_set, None, CONFIG, progress=False)

@@ -47,7 +47,6 @@ def coactive_neighbours(
     desc = "feature stats: co-activation"
     with tqdm(total=len(codes), desc=desc, unit="vec", disable=not progress) as bar:
         i, j, n_ij, _ = coactivation_pairs(_CodeReplay(codes, bar), row_numbers, batch_size)
-    i, j, n_ij = i.cpu(), j.cpu(), n_ij.cpu()
-    order = torch.argsort(i * codes.d_sae + j)  # ties in top_per_group: smaller i first
-    scores, latents = top_per_group(j[order], n_ij[order], i[order], codes.d_sae, n_neighbours)
+    # the pairs come in order of i * d_sae + j, so equal scores keep the smaller i first
+    scores, latents = top_per_group(j.cpu(), n_ij.cpu(), i.cpu(), codes.d_sae, n_neighbours)
     return latents, scores.float().masked_fill(latents < 0, torch.nan)
