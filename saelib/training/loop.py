@@ -298,7 +298,15 @@ def _check_specs(specs: Sequence[TrainSpec], source: ActivationSource) -> None:
                 raise type(error)(f"model {spec.name!r}: {error}") from None
 
 
-def _start_run(spec, config, device, total, folder, resume, data_key) -> _Run:
+def _start_run(
+    spec: TrainSpec,
+    config: TrainConfig,
+    device: torch.device,
+    total: int,
+    folder: Path | None,
+    resume: bool,
+    data_key: str,
+) -> _Run:
     spec.model.to(device)
     optimizer = make_optimizer(spec.model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
@@ -334,7 +342,9 @@ def _call(model: nn.Module, hook: str, *args) -> None:
         method(*args)
 
 
-def _train_step(run: _Run, batch: Tensor, step: int, total: int, config, device) -> None:
+def _train_step(
+    run: _Run, batch: Tensor, step: int, total: int, config: TrainConfig, device: torch.device
+) -> None:
     started = time.perf_counter()
     model, spec = run.spec.model, run.spec
     if step == 0:
@@ -419,13 +429,14 @@ def _divergence(run: _Run, terms: dict, grad_norm: Tensor, factor: float | None)
     total = float(terms["total"].detach())
     if not (math.isfinite(total) and bool(torch.isfinite(grad_norm))):
         return f"loss {total:.4g} / gradient norm {float(grad_norm):.4g} is not finite"
-    reconstruction = float(terms.get("recon", terms["total"]).detach())
+    watched = "recon" if "recon" in terms else "total"
+    value = float(terms[watched].detach())
     if run.first_loss is None:
-        run.first_loss = reconstruction
-    if factor is not None and reconstruction > factor * max(run.first_loss, 1e-12):
+        run.first_loss = value
+    if factor is not None and value > factor * max(run.first_loss, 1e-12):
+        kind = "reconstruction" if watched == "recon" else "total"
         return (
-            f"reconstruction loss {reconstruction:.4g} is over {factor:g} times its first "
-            f"value {run.first_loss:.4g}"
+            f"{kind} loss {value:.4g} is over {factor:g} times its first value {run.first_loss:.4g}"
         )
     return ""
 
