@@ -397,12 +397,6 @@ def test_harvest_config_of_older_checkpoints_is_guessed(tmp_path):
         checkpoint_harvest_config({"model": "smollm2-135m"})
 
 
-def test_the_earlier_import_path_still_works():
-    from saelib.features.stats import feature_stats_for_checkpoint as moved
-
-    assert moved is feature_stats_for_checkpoint
-
-
 class SignedSAE(ReLUSAE):
     """A ReLU SAE without the ReLU: its code has negative values."""
 

@@ -222,19 +222,3 @@ def rows_digest(activations: ActivationSet) -> str:
     for column in (activations.doc_index, activations.position):
         digest.update(column.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
-
-
-_MOVED = {  # name -> module: these lived here before the package was split by concern
-    "feature_stats_for_checkpoint": "saelib.features.store",
-    "load_feature_stats": "saelib.features.store",
-    "latent_activations_for_text": "saelib.features.text",
-}
-
-
-def __getattr__(name: str):
-    """Keep ``from saelib.features.stats import feature_stats_for_checkpoint`` working."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
