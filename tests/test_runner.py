@@ -21,34 +21,60 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 
 from saelib.__main__ import main
+from saelib.activations import HarvestConfig
 from saelib.runs import runner
-from saelib.runs.runner import new_run_dir, read_status, resume_run, run_study
+from saelib.runs.report import build_index
+from saelib.runs.runner import new_run_dir, read_status, resolve_params, resume_run, run_study
 from saelib.saes import load_sae
 from saelib.studies import STUDIES, Study
+from saelib.studies.record import Headline
 
 pytestmark = pytest.mark.slow
 
 
 def test_smoke_run_writes_every_output(smoke_run):
-    for name in ("topk_grid.ipynb", "topk_grid.html", "params.yaml", "grid_metrics.json",
-                 "pareto_optimal_configs.json", "figures/heatmaps.png",
-                 "figures/pareto_frontier.png"):  # fmt: skip
+    for name in ("topk_grid.ipynb", "topk_grid.html", "params.yaml", "results.json",
+                 "figures/heatmaps.png", "figures/pareto_frontier.png",
+                 "figures/training_mse.png"):  # fmt: skip
         assert (smoke_run / name).exists(), name
+    assert read_status(smoke_run)["status"] == "complete"
     checkpoints = sorted(path.name for path in (smoke_run / "checkpoints").iterdir())
     assert checkpoints == [f"k{k}_d{d}_s{s}" for k in (2, 8) for d in (32, 64) for s in (0, 1)]
     sae = load_sae(smoke_run / "checkpoints" / "k8_d64_s1")
     assert (sae.k, sae.d_sae, sae.d_in) == (8, 64, 576)
 
 
-def test_smoke_metrics_are_finite_and_claims_judged(smoke_run):
-    metrics = json.loads((smoke_run / "grid_metrics.json").read_text())
-    assert len(metrics["per_seed"]) == 8 and len(metrics["summary"]) == 4
-    for row in metrics["per_seed"]:
+def test_checkpoints_record_their_labels_and_the_full_harvest(smoke_run):
+    config = json.loads((smoke_run / "checkpoints" / "k8_d64_s1" / "config.json").read_text())
+    assert config["labels"] == {"k": 8, "latent_dim": 64, "seed": 1}
+    params = resolve_params(STUDIES["topk_grid"], smoke_run / "params.yaml")
+    assert config["harvest"] == params.harvest_config().to_dict()
+    assert HarvestConfig.from_dict(config["harvest"]) == params.harvest_config()
+    assert (config["model"], config["layer"], config["dataset"]) == ("smollm2-135m", 3, "gsm8k")
+
+
+def test_smoke_results_are_finite_and_claims_judged(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert set(results) == {"study", "params", "per_seed", "summary", "claims", "seconds", "extra"}
+    assert results["study"] == "topk_grid"
+    assert results["params"] == yaml.safe_load((smoke_run / "params.yaml").read_text())
+    assert len(results["per_seed"]) == 8 and len(results["summary"]) == 4
+    for row in results["per_seed"]:
         for key in ("explained_variance", "mse", "death_rate", "mean_activation", "max_activation"):
             assert math.isfinite(row[key]), (key, row)
-        assert row["l0"] <= row["k"]
-    assert [claim["number"] for claim in metrics["claims"]] == [1, 2, 3, 4]
-    assert metrics["n_train_vectors"] + metrics["n_val_vectors"] == 400
+        assert row["l0"] <= row["k"] and row["status"] == "complete"
+    assert {(row["k"], row["latent_dim"]) for row in results["summary"]} == {
+        (2, 32), (2, 64), (8, 32), (8, 64)
+    }  # fmt: skip
+    assert all(row["n_seeds"] == 2 for row in results["summary"])
+    claims = results["claims"]
+    assert [claim["number"] for claim in claims] == [1, 2, 3, 4]
+    assert all(isinstance(claim["holds"], bool) and claim["evidence"] for claim in claims)
+    assert set(results["seconds"]) == {"harvest", "train"}
+    extra = results["extra"]
+    assert extra["n_train_vectors"] + extra["n_val_vectors"] == 400
+    assert len(extra["pareto"]["configs"]) == 4
+    assert set(STUDIES["topk_grid"].headlines(results)) >= {"best EV", "claims held"}
 
 
 def test_executed_notebook_and_html_carry_the_results(smoke_run):
@@ -80,19 +106,26 @@ def test_progressive_orthogonality_smoke_run(tmp_path):
     study = STUDIES["progressive_orthogonality"]
     run_dir = run_study(study.name, study.smoke_params, outputs=tmp_path, progress=False)
     expected = [
-        "progressive_orthogonality.html", "ortho_metrics.json", "feature_separation.json",
+        "progressive_orthogonality.html", "results.json", "feature_separation.json",
         "figures/results.png", "figures/separation_over_training.png", "evals/run1_s0.core.json",
         "evals/run1_s0.absorption.json", "evals/run1_s0.sparse_probing.json",
         "checkpoints/static_s1/sae.safetensors",
     ]  # fmt: skip
     for name in expected:
         assert (run_dir / name).exists(), name
-    metrics = json.loads((run_dir / "ortho_metrics.json").read_text())
-    assert {row["run"] for row in metrics["per_seed"]} == {"baseline", "static", "run1", "run5"}
-    for row in metrics["per_seed"]:
+    assert read_status(run_dir)["status"] == "complete"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["study"] == study.name
+    assert {row["run"] for row in results["per_seed"]} == {"baseline", "static", "run1", "run5"}
+    for row in results["per_seed"]:
         for key in ("explained_variance", "kl_div_score", "ce_loss_score", "probe_top1"):
             assert math.isfinite(row[key]), (key, row)
-    assert len(metrics["claim"]) == 3
+    assert [row["run"] for row in results["summary"]] == ["baseline", "static", "run1", "run5"]
+    assert len(results["claims"]) == 3
+    assert set(results["seconds"]) == {"harvest", "train", "evals"}
+    config = json.loads((run_dir / "checkpoints" / "run5_s1" / "config.json").read_text())
+    assert config["labels"] == {"run": "run5", "seed": 1}
+    assert config["harvest"]["positions"] == "all"
     separation = json.loads((run_dir / "feature_separation.json").read_text())
     progress_points = [snap["progress"] for snap in separation["snapshots"]["run1_s0"]]
     assert progress_points == [0.25, 0.5, 0.75, 1.0]
@@ -104,8 +137,9 @@ def test_progressive_orthogonality_smoke_run(tmp_path):
 # appears) and fails on request: ``fail`` = "always", or "first" (the first attempt only).
 
 TINY_CELL = """\
-import json, pathlib, time
+import json, os, pathlib, time
 run_dir = pathlib.Path(output_dir)
+(run_dir / "cwd.txt").write_text(os.getcwd())
 with open(run_dir / "attempts.txt", "a") as file:
     file.write("attempt\\n")
 attempt = len((run_dir / "attempts.txt").read_text().split())
@@ -115,7 +149,7 @@ while time.time() < deadline and not (run_dir / "release").exists():
     time.sleep(0.05)
 if fail == "always" or (fail == "first" and attempt == 1):
     raise ValueError("boom\\nsecond line")
-(run_dir / "metrics.json").write_text(json.dumps({"attempt": attempt}))
+(run_dir / "results.json").write_text(json.dumps({"attempt": attempt}))
 """
 KERNELSPEC = {"name": "python3", "language": "python", "display_name": "Python 3"}
 
@@ -149,7 +183,11 @@ def make_tiny_study(folder: Path) -> TinyStudy:
     notebook.cells = [parameters, nbformat.v4.new_code_cell(TINY_CELL)]
     nbformat.write(notebook, folder / "tiny.ipynb")
     (folder / "tiny.yaml").write_text("wait: 0.0\nfail: ''\n")
-    return TinyStudy("tiny", TinyParams, folder)
+    return TinyStudy("tiny", TinyParams, "a tiny study", _tiny_headlines, folder=folder)
+
+
+def _tiny_headlines(results: dict) -> dict[str, Headline]:
+    return {"attempt": Headline(str(results["attempt"]))}
 
 
 @pytest.fixture
@@ -206,6 +244,25 @@ def test_complete_run_status_goes_from_running_to_complete(tiny, tmp_path):
     assert f'output_dir = "{run_dir}"' in executed.cells[1].source  # the injected parameters
 
 
+def test_runs_go_to_the_outputs_of_the_working_directory(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = run_study("tiny", progress=False)
+    assert run_dir.parent == tmp_path / "outputs" / "tiny"
+    assert (run_dir / "cwd.txt").read_text() == str(run_dir)  # the notebook runs in its folder
+    assert read_status(run_dir)["status"] == "complete"
+    page = build_index(tmp_path / "outputs").read_text()
+    assert "<th>attempt</th>" in page and '<td class="num">1</td>' in page  # its headline
+
+
+def test_the_cli_puts_runs_where_outputs_says(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "tiny", "--outputs", "elsewhere"]) == 0
+    [run_dir] = (tmp_path / "elsewhere" / "tiny").iterdir()
+    assert f"tiny: outputs in {run_dir}\n" in capsys.readouterr().out  # an absolute path
+    assert read_status(run_dir)["status"] == "complete"
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_failed_run_reports_the_first_error(tiny, tmp_path):
     with pytest.raises(PapermillExecutionError) as raised:
         _tiny_run(tmp_path, fail="always")
@@ -245,7 +302,7 @@ def test_a_failed_render_after_the_notebook_fails_the_run(tiny, tmp_path, monkey
         "html",
         "OSError",
     )
-    assert (run_dir / "metrics.json").exists()
+    assert (run_dir / "results.json").exists()
 
 
 def test_params_yaml_is_written_atomically(tiny, tmp_path, monkeypatch):
@@ -270,14 +327,15 @@ from saelib.__main__ import main
 from saelib.studies import STUDIES
 
 STUDIES["tiny"] = make_tiny_study(Path({folder!r}) / "study")
-runner.outputs_root = lambda: Path({folder!r}) / "outputs"
 sys.exit(main(["run", "tiny", "-p", "wait", "120"]))
 """
 
 
 def test_sigterm_interrupts_the_run_and_resume_completes_it(tiny, tmp_path, capsys):
     script = SIGTERM_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(  # in tmp_path: its run goes to ./outputs there
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         seen = _wait_for(lambda: list(tmp_path.glob("outputs/tiny/*/seen_status.json")))
         process.send_signal(signal.SIGTERM)  # while the notebook's cell runs
@@ -299,7 +357,7 @@ def test_sigterm_interrupts_the_run_and_resume_completes_it(tiny, tmp_path, caps
     status = read_status(run_dir)
     assert (status["status"], status["attempts"], status["pid"]) == ("complete", 2, os.getpid())
     assert status["started"] <= status["resumed"]
-    assert json.loads((run_dir / "metrics.json").read_text()) == {"attempt": 2}
+    assert json.loads((run_dir / "results.json").read_text()) == {"attempt": 2}
     assert [path.name for path in run_dir.parent.iterdir()] == [run_dir.name]
 
 
@@ -319,7 +377,7 @@ def test_resume_reexecutes_a_failed_run_in_the_same_folder(tiny, tmp_path):
     assert resume_run(run_dir, progress=False) == run_dir
     status = read_status(run_dir)
     assert status["status"] == "complete" and "error" not in status and status["attempts"] == 2
-    assert json.loads((run_dir / "metrics.json").read_text()) == {"attempt": 2}
+    assert json.loads((run_dir / "results.json").read_text()) == {"attempt": 2}
     assert json.loads((run_dir / "seen_status.json").read_text())["status"] == "running"
     assert (run_dir / "tiny.html").exists() and _no_temporaries(run_dir)
     assert list((tmp_path / "outputs" / "tiny").iterdir()) == [run_dir]

@@ -37,7 +37,7 @@ def _only_run(outputs: Path) -> Path:
 
 def _per_seed(run_dir: Path) -> list[dict]:
     """Each SAE's validation metrics and step count (training time left out)."""
-    rows = json.loads((run_dir / "grid_metrics.json").read_text())["per_seed"]
+    rows = json.loads((run_dir / "results.json").read_text())["per_seed"]
     return [{k: v for k, v in row.items() if k != "train_seconds"} for row in rows]
 
 
@@ -77,7 +77,7 @@ def test_a_killed_study_run_resumes_to_the_uninterrupted_metrics(smoke_run, tmp_
     total = _per_seed(reference)[0]["steps"]
     steps_at_kill = _checkpoint_steps(outputs / "topk_grid")
     assert 0 < min(steps_at_kill) < total, steps_at_kill  # killed in the middle of training
-    assert not (run_dir / "grid_metrics.json").exists()
+    assert not (run_dir / "results.json").exists()
     assert read_status(run_dir)["status"] == "interrupted"  # its pid is dead
 
     assert resume_run(run_dir, progress=False) == run_dir
@@ -87,3 +87,10 @@ def test_a_killed_study_run_resumes_to_the_uninterrupted_metrics(smoke_run, tmp_
     for row, expected in zip(resumed, _per_seed(reference), strict=True):
         assert row.pop("status") == expected.pop("status") == "complete"
         assert row == pytest.approx(expected, rel=1e-6), row
+    assert _verdicts(run_dir) == _verdicts(reference)
+
+
+def _verdicts(run_dir: Path) -> list[bool]:
+    return [
+        claim["holds"] for claim in json.loads((run_dir / "results.json").read_text())["claims"]
+    ]
