@@ -118,6 +118,10 @@ def test_sharded_source_layout_needs_no_rows_in_meta(cache):
         del entry["rows"]
     (cache / "meta.json").write_text(json.dumps(meta))
     assert torch.equal(_epoch(ShardedSource(cache), 0, 100, seed=1), expected)
+    meta["config"]["shard_size"] = 120  # shards that do not hold what meta.json implies
+    (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCacheError, match="holds 130 vectors"):
+        _epoch(ShardedSource(cache), 0, 100, seed=1)
 
 
 def test_sharded_source_row_subsets(cache):

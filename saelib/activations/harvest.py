@@ -17,7 +17,9 @@ The cache is checked and shared safely:
   asking for the same key waits, then reads the first one's cache instead of redoing it.
 
 Each vector keeps where it came from (document index, position, token id), so later tools can
-show the context a latent fires in.
+show the context a latent fires in. meta.json also records each shard's number of vectors, so a
+reader can plan its way through the shards without opening them (``ShardedSource`` streams a
+cache for training; :func:`write_cache` writes one from any columns).
 """
 
 from __future__ import annotations

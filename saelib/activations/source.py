@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from saelib.activations.harvest import (
+    CorruptCacheError,
     HarvestConfig,
     cache_folder,
     read_meta,
@@ -233,10 +234,12 @@ class ShardedSource:
         entry = self.meta["shards"][shard]
         verify = entry["name"] not in self._verified
         acts = read_shard(self.folder, entry, columns=("acts",), verify=verify)["acts"]
+        first, end = self._bounds[shard], self._bounds[shard + 1]
+        if len(acts) != end - first:  # the layout was planned from meta.json's counts
+            problem = f"holds {len(acts)} vectors, meta.json implies {end - first}"
+            raise CorruptCacheError(self.folder, entry["name"], problem)
         self._verified.add(entry["name"])
-        if self.mask is not None:
-            acts = acts[self.mask[self._bounds[shard] : self._bounds[shard + 1]]]
-        return acts.float()
+        return (acts if self.mask is None else acts[self.mask[first:end]]).float()
 
 
 def split_cache_by_document(
