@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -84,6 +85,25 @@ def replace_folder(source: str | Path, target: str | Path) -> None:
             raise
         shutil.rmtree(source)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_folder(target: str | Path) -> None:
+    """Clean up after a crash inside :func:`atomic_folder` or :func:`replace_folder`: delete
+    staging copies and, when ``target`` is missing (the crash came between the two renames),
+    put back the copy it was swapped out to."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    leftovers = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{12}}\.(tmp|old)")
+    found = [path for path in target.parent.iterdir() if leftovers.fullmatch(path.name)]
+    for partial in (path for path in found if path.name.endswith(".tmp")):
+        shutil.rmtree(partial, ignore_errors=True)
+    replaced = sorted((path for path in found if path.name.endswith(".old")),
+                      key=lambda path: path.stat().st_mtime)  # fmt: skip
+    if replaced and not target.exists():
+        os.replace(replaced.pop(), target)
+    for stale in replaced:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _sibling(target: Path, kind: str) -> Path:

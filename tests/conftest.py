@@ -14,6 +14,16 @@ from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies import STUDIES
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, for tests of tiny tensors: a second thread barely helps them, and on a
+    busy 2-core machine oversubscribed threads make each small op wait, about 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_sae():
     """Factory for a small TopK SAE with a reproducible initialisation."""

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelib.activations import CorruptCacheError, HarvestConfig, _new_staging_folder, harvest
+from saelib.activations import CorruptCacheError, HarvestConfig, harvest
+from saelib.activations.harvest import _new_staging_folder
 from saelib.data import load_documents
 from saelib.lm import load_lm
 

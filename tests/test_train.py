@@ -24,6 +24,8 @@ from saelib.training.loop import _lr_lambda
 from saelib.training.losses import TopKLoss
 from saelib.training.orthogonality import OrthogonalTopKLoss, make_penalty
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
+
 
 def small_config(**changes) -> TrainConfig:
     """A short CPU run on ``toy_acts`` (1024 rows): 16 steps per epoch; dead after 4 silent."""
@@ -36,16 +38,6 @@ def small_config(**changes) -> TrainConfig:
 
 def train(specs, acts, config, checkpoint_dir=None, **kwargs):
     return train_saes(specs, acts, config, checkpoint_dir, progress=False, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The matrices here are tiny: a second thread barely helps, and on a busy 2-core machine
-    oversubscribed threads make training 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -209,8 +201,8 @@ def test_resume_refuses_a_checkpoint_trained_on_something_else(make_sae, toy_act
 
 
 def test_stale_swap_leftovers_neither_break_saves_nor_survive(make_sae, toy_acts, tmp_path):
-    (tmp_path / ".sae.old-1-abc").mkdir(parents=True)  # as a crash mid-swap leaves them
-    (tmp_path / ".sae.tmp-1-abc").mkdir()
+    (tmp_path / ".sae.0123456789ab.old").mkdir(parents=True)  # as a crash mid-swap leaves them
+    (tmp_path / ".sae.ba9876543210.tmp").mkdir()
     [result] = train(
         [SAESpec("sae", make_sae())], toy_acts, small_config(checkpoint_every=5), tmp_path
     )
@@ -221,7 +213,7 @@ def test_stale_swap_leftovers_neither_break_saves_nor_survive(make_sae, toy_acts
 def test_a_checkpoint_swapped_out_by_a_crash_is_restored(make_sae, toy_acts, tmp_path):
     config = small_config(epochs=0.5)
     [first] = train([SAESpec("sae", make_sae())], toy_acts, config, tmp_path)
-    (tmp_path / "sae").rename(tmp_path / ".sae.old-7-beef")  # crash between the two renames
+    (tmp_path / "sae").rename(tmp_path / ".sae.00000000beef.old")  # crash between the renames
     [resumed] = train([SAESpec("sae", make_sae())], toy_acts, config, tmp_path)
     assert resumed.steps == first.steps and resumed.seconds == first.seconds
     assert sorted(path.name for path in tmp_path.iterdir()) == ["sae"]

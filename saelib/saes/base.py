@@ -101,6 +101,15 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.config.d_sae
 
+    def init_tied_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder directions, the encoder starting as their transpose (as
+        in Gao et al. 2024 and Conerly et al. 2024), and a zero encoder bias."""
+        directions = torch.randn(self.d_sae, self.d_in, generator=generator)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(directions)
+        self.W_enc = nn.Parameter(directions.clone())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder direction to unit norm."""

@@ -36,11 +36,7 @@ class ReLUSAE(SAE):
 
     def __init__(self, config: ReLUConfig, generator: torch.Generator | None = None):
         super().__init__(config)
-        directions = torch.randn(config.d_sae, config.d_in, generator=generator)
-        directions /= directions.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(directions)
-        self.W_enc = nn.Parameter(directions.clone())  # encoder starts as the decoder's transpose
-        self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
+        self.init_tied_weights(generator)
         self.b_dec = nn.Parameter(torch.zeros(config.d_in))
 
     def forward(self, x: Tensor) -> SAEOutput:

@@ -4,13 +4,14 @@ index page. The library computes and writes it; the notebook only displays it.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from saelib.io import write_json
+from saelib.io import to_jsonable, write_json
 from saelib.studies.claims import Claim
 from saelib.studies.record import RESULTS_FILE, Headline
 
@@ -41,7 +42,9 @@ class StudyResults:
                    summary.to_dict("records"), **rest)  # fmt: skip
 
     def save(self, run_dir: str | Path) -> Path:
-        return write_json(Path(run_dir) / RESULTS_FILE, asdict(self))
+        """``results.json`` as strict JSON: a missing number (NaN, e.g. the std of one seed) is
+        written as null, so any JSON reader, a browser's included, can read it."""
+        return write_json(Path(run_dir) / RESULTS_FILE, _strict(to_jsonable(asdict(self))))
 
     @classmethod
     def load(cls, path: str | Path) -> StudyResults:
@@ -51,6 +54,16 @@ class StudyResults:
 
     def claims_table(self) -> pd.DataFrame:
         return pd.DataFrame([claim.to_dict() for claim in self.claims])
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict(item) for item in value]
+    return value
 
 
 # Helpers for a study's ``headlines``: they read results JSON and raise on unexpected content

@@ -1,6 +1,7 @@
 """Training: one loop for every model, its losses and penalties, checkpoints and resume."""
 
 from saelib.training.checkpoints import CheckpointMismatchError
+from saelib.training.l1 import L1Loss
 from saelib.training.loop import (
     SAESpec,
     StepInfo,
@@ -17,6 +18,7 @@ from saelib.training.losses import AuxKCapable, Loss, TopKLoss, TrainState
 __all__ = [
     "AuxKCapable",
     "CheckpointMismatchError",
+    "L1Loss",
     "Loss",
     "SAESpec",
     "StepInfo",

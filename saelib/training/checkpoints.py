@@ -13,11 +13,7 @@ the data, the training config, the loss); resuming with anything else is refused
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from saelib.io import write_json, write_with
+from saelib.io import atomic_folder, recover_folder, write_json, write_with
 from saelib.saes import SAE, load_sae
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -80,18 +76,11 @@ def describe(value: Any) -> Any:
 def save_checkpoint(
     target: Path, model: nn.Module, config: dict, trainer_state: dict, history: list[dict]
 ) -> None:
-    """Write into a uniquely named folder, then swap it in: a crash never leaves a torn one."""
-    staging, previous = _sibling(target, "tmp"), _sibling(target, "old")
-    try:
+    """Write into a staging folder, then swap it in: a crash never leaves a torn checkpoint."""
+    with atomic_folder(target) as staging:
         _save_model(model, staging, config)
         torch.save(trainer_state, staging / TRAINER_STATE)
         write_json(staging / "history.json", history, indent=None)
-        if target.exists():
-            os.replace(target, previous)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -109,15 +98,7 @@ def load_checkpoint(
 
 def recover_interrupted_save(folder: Path, name: str) -> None:
     """Clean up after a crash mid-save: drop partial copies, restore a swapped-out checkpoint."""
-    pattern = glob.escape(f".{name}")
-    for partial in folder.glob(f"{pattern}.tmp-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    replaced = sorted(folder.glob(f"{pattern}.old-*"), key=lambda path: path.stat().st_mtime)
-    target = folder / name
-    if replaced and not target.exists():
-        os.replace(replaced.pop(), target)  # the crash came between the two renames
-    for stale in replaced:
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_folder(folder / name)
 
 
 def check_identity(target: Path, identity: dict) -> None:
@@ -155,11 +136,6 @@ def _load_weights(target: Path, model: nn.Module, device: torch.device) -> None:
         model.load_state_dict(load_sae(target, device).state_dict())
     else:
         model.load_state_dict(load_file(target / MODEL_WEIGHTS, device=str(device)))
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    """A unique hidden name beside ``target`` for a checkpoint being written or replaced."""
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
 def _differences(stored: Any, current: Any, path: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Progressive sparsity-guided orthogonality penalty (spec: studies/progressive_orthogonality.md).
+"""Progressive sparsity-guided orthogonality penalty (the original's numbers: the study specs).
 
     L_ortho = lambda2(p) * sum_ij c_ij(p) * |F_ij|,   F = f^T f / B   (activation penalty)
     or        lambda2(p) * sum_ij c_ij(p) * |W_dec_i . W_dec_j|      (decoder-direction penalty)
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelib.saes import SAE, SAEOutput
 from saelib.saes.coactivation import PairCounts, count_pairs, ordered_pairs
@@ -263,6 +263,10 @@ class OrthogonalTopKLoss:
         terms["ortho"] = ortho
         terms["total"] = terms["total"] + ortho
         return terms
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before training, a model the base loss cannot train (e.g. AuxK needs TopK)."""
+        self.base.check(model)
 
     def state_dict(self) -> dict:
         return {"penalty": self.penalty.state_dict()}

@@ -152,15 +152,6 @@ def test_separation_recorder_follows_a_relu_sae_during_training(vectors):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny batches: on a busy 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def lm(one_thread):
     return load_lm("smollm2-135m")
 

@@ -14,7 +14,7 @@ from saelib.evals.metrics import evaluate
 from saelib.lm import load_lm
 from saelib.saes import TopKConfig, TopKSAE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tiny tensors
 
 LAYER = 3
 CONTEXT = 32
@@ -24,16 +24,6 @@ TEXTS = [
     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in plants, "
     "which is why forests matter so much for the air we breathe every single day of the year.",
 ]  # different lengths, so batches are padded; the last is longer than CONTEXT tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The batches here are tiny: on a busy 2-core machine a second thread makes every small
-    op wait for a descheduled worker, about 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
