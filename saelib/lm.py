@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 
 from saelib import assets
+from saelib.io import atomic_folder
 
 
 @dataclass
@@ -154,14 +153,8 @@ def _converted_gguf(gguf_path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are plain float32 now
-    partial = target.with_name(target.name + f".part{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.config.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_model(model, str(partial / "model.safetensors"))
-    if target.exists():  # another process finished first
-        shutil.rmtree(partial)
-    else:
-        os.replace(partial, target)
+    with atomic_folder(target) as staging:  # a crash never leaves a half-written model
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
     return target
