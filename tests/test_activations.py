@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelib.activations import CorruptCacheError, HarvestConfig, harvest
-from saelib.activations.harvest import _new_staging_folder
+from saelib.activations.cache import new_staging_folder
 from saelib.data import load_documents
 from saelib.lm import load_lm
 
@@ -226,7 +226,7 @@ def test_a_failed_harvest_leaves_neither_a_final_nor_a_staging_folder(lm, tmp_pa
 
 def test_staging_folders_are_unique_per_call_and_process(tmp_path):
     final = tmp_path / "somekey"
-    first, second = _new_staging_folder(final), _new_staging_folder(final)
+    first, second = new_staging_folder(final), new_staging_folder(final)
     assert first != second and first.is_dir() and second.is_dir()
     assert first.name.startswith(f"somekey.partial-{os.getpid()}-")
     assert not final.exists()

@@ -1,20 +1,23 @@
-"""Activations: harvested from a language model through nnsight, cached on disk, and read back
-for training as an in-memory tensor or a stream of cached shards."""
+"""Activations: harvested from a language model through nnsight (``harvest``), cached on disk as
+checksummed shards (``cache``), and read back for training as an in-memory tensor or a stream of
+cached shards (``source``)."""
 
-from saelib.activations.harvest import (
-    ActivationSet,
+from saelib.activations.cache import (
     CorruptCacheError,
-    HarvestConfig,
     cache_folder,
     cache_root,
-    check_layer,
-    harvest,
     read_meta,
     read_shard,
-    residuals_for_texts,
     shard_row_counts,
-    split_rows_by_document,
     write_cache,
+)
+from saelib.activations.harvest import (
+    ActivationSet,
+    HarvestConfig,
+    check_layer,
+    harvest,
+    residuals_for_texts,
+    split_rows_by_document,
 )
 from saelib.activations.source import (
     ActivationSource,

@@ -23,15 +23,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from saelib.activations.harvest import (
+from saelib.activations.cache import (
     CorruptCacheError,
-    HarvestConfig,
     cache_folder,
     read_meta,
     read_shard,
     shard_row_counts,
-    split_rows_by_document,
 )
+from saelib.activations.harvest import HarvestConfig, split_rows_by_document
 
 Tensor = torch.Tensor
 
