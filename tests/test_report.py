@@ -183,6 +183,15 @@ def test_cli_reads_the_outputs_of_the_working_directory(outputs, monkeypatch, ca
     assert str(outputs / "index.html") in capsys.readouterr().out
 
 
+def test_cli_reads_saelib_outputs_when_set(outputs, tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as JupyterLab's kernels run in notebooks/ under `make lab`
+    monkeypatch.setenv("SAELIB_OUTPUTS", str(outputs))
+    assert main(["report"]) == 0
+    assert (outputs / "index.html").exists() and not (elsewhere / "outputs").exists()
+
+
 def _status(folder: Path, **state) -> None:
     (folder / "status.json").write_text(json.dumps({"study": GRID, **state}))
 
@@ -222,3 +231,20 @@ def test_status_comes_from_status_json(tmp_path):
         assert f'<span class="status {status}"' in row and detail in row, row
         assert "topk_grid.html" not in row  # no HTML file, no link, even for a complete run
     assert "0.810 (K=100" in _row(page, "20260101-000000-0001")
+
+
+def test_a_run_written_before_results_json_shows_its_metrics_file(tmp_path):
+    """An older grid run (grid_metrics.json, no results.json, no status.json) reads as complete
+    with the top-level numbers of its metrics file, not as an error or a failure."""
+    legacy = json.dumps({"n_train_vectors": 5905, "train_seconds": 12.5, "summary": []})
+    _run(tmp_path, GRID, GRID_OK, {"layer": 26}, topk_grid__html="x", grid_metrics__json=legacy)
+    [run] = scan_outputs(tmp_path)[GRID]
+    assert run.status == "complete" and run.metrics_file.name == "grid_metrics.json"
+    assert run.metrics["n_train_vectors"].text == "5,905"
+
+
+def test_status_json_is_never_read_as_metrics(tmp_path):
+    folder = _run(tmp_path, "my study", OTHER_RUN, {"alpha": 0.5}, my_study__html="x")
+    (folder / "status.json").write_text(json.dumps({"study": "my study", "status": "complete"}))
+    [run] = scan_outputs(tmp_path)["my study"]
+    assert run.metrics_file is None and run.status == "complete"

@@ -369,6 +369,23 @@ def test_specs_labels_and_what_hooks_see(make_sae, toy_acts, tmp_path):
     assert load_sae(tmp_path / "sae").metadata["labels"] == labels
 
 
+def test_a_hook_sees_the_loss_and_the_dead_latent_counter(make_sae, toy_acts):
+    """A hook that marks every latent silent for long makes the next step see them all dead,
+    and reaches the loss object whose state it would have to permute with the latents."""
+
+    def silence_all(info: StepInfo) -> None:
+        [result] = info.results
+        assert result.loss is spec.loss and result.tokens_since_fired.shape == (64,)
+        if info.step == 0:
+            result.tokens_since_fired.fill_(10**9)  # in place: the loop keeps it
+
+    config = small_config(epochs=0.25, log_every=1, dead_after_tokens=10**6)
+    spec = SAESpec("sae", make_sae())
+    [result] = train([spec], toy_acts, config, hooks=[silence_all])
+    assert result.history[0]["dead_fraction"] == 0.0
+    assert result.history[1]["dead_fraction"] == 1.0  # the step after the hook
+
+
 def test_training_from_a_streamed_cache_resumes_exactly(make_sae, toy_acts, tmp_path):
     rows = torch.arange(len(toy_acts))
     columns = {"acts": toy_acts, "doc_index": rows // 8, "position": rows % 8, "token_id": rows}

@@ -1,6 +1,7 @@
 """Feature separation during training: latent co-activation and decoder cosine similarity.
 
-For the progressive-orthogonality study. Definitions:
+How separate an SAE's latents are, in use and in geometry (e.g. under an orthogonality
+penalty). Definitions:
 
 - Co-activation, on a batch of activations: f = the SAE latents (B x d_sae, after the SAE's
   activation, e.g. TopK or ReLU; any code); latent j is active on a sample when f_j != 0. For
@@ -9,7 +10,8 @@ For the progressive-orthogonality study. Definitions:
   n_ij is asymmetric; it is computed for the ordered pairs that co-occur at least once, from the
   active (sample, latent) entries (:mod:`saelib.saes.coactivation`, shared with the
   orthogonality penalty): at most B * m^2 pairs for m active latents per sample, never a
-  d_sae x d_sae matrix.
+  d_sae x d_sae matrix. That bound is small for sparse codes (TopK; a trained ReLU SAE); for a
+  code where a large share of latents fire (an untrained ReLU SAE) B * m^2 can exceed d_sae^2.
   Summaries: a histogram of n_ij over those pairs, the fraction of them with n_ij above each
   threshold, and the number of co-active partners per active latent (latents i != j active
   together with j at least once).

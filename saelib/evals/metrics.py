@@ -1,6 +1,6 @@
 """Reconstruction and sparsity metrics of an SAE on a set of activations.
 
-Definitions (as in the TopK grid study spec):
+Definitions (as in the TopK quality-sparsity report the studies reproduce):
 - explained variance (SAELens's form): EV = 1 - E||x - x_hat||^2 / E||x - mean(x)||^2, the
   squared error against the total variance (per-dimension variance around the dataset mean,
   summed over dimensions). A systematic offset in x_hat counts as unexplained;

@@ -1,13 +1,14 @@
 """An index page of every study run in ``outputs/``: ``python -m saelib report``.
 
 Per study, a table of its runs (newest first): the run id and start time, its status, relative
-links to the files that exist (HTML render, executed notebook, params, metrics), a few key params
-and headline metrics read from the run's metrics JSON. The status comes from the run's
-``status.json`` (running, complete, failed with its error, interrupted; a running run whose
-process is gone reads as interrupted); a run folder older than status.json is judged by its
-files: incomplete without its HTML render, failed without its metrics. A malformed file shows as
-an error cell, never as a crash. The page is self-contained (inline CSS, no scripts) and written
-atomically.
+links to the files that exist (HTML render, executed notebook, params, results), a few key
+params and headline numbers read from the run's results.json (the study's record says which; a
+run written before results.json shows the first numbers of its metrics JSON). The status comes
+from the run's ``status.json`` (running, complete, failed with its error, interrupted; a running
+run whose process is gone reads as interrupted); a run folder older than status.json is judged
+by its files: incomplete without its HTML render, failed without its results. A malformed file
+shows as an error cell, never as a crash. The page is self-contained (inline CSS, no scripts)
+and written atomically.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ from urllib.parse import quote
 import yaml
 
 from saelib.io import write_text
-from saelib.runs.runner import RunError, read_status
+from saelib.runs.runner import STATUS_FILE, RunError, read_status
 from saelib.studies.record import RESULTS_FILE, Headline, Study
 
 N_GENERIC = 6  # params / numbers shown for a study this module does not know
 STATUS_NOTES = {
     "running": "the run's process is alive",
-    "complete": "notebook executed, metrics written",
+    "complete": "notebook executed, results written",
     "interrupted": "stopped before the end; resume with python -m saelib run --resume <folder>",
     "incomplete": "no HTML render yet: the run is still going or was interrupted",
-    "failed": "the run stopped with an error (a run without status.json: before its metrics)",
+    "failed": "the run stopped with an error (a run without status.json: before its results)",
     "error": "a status, metrics or params file could not be read",
 }
 
@@ -134,7 +135,7 @@ def read_run(study: str, folder: Path) -> RunInfo:
     run.params_file = _existing(folder / "params.yaml")
     if run.params_file is not None:
         _read_params(run)
-    run.metrics_file = _metrics_file(study, folder)
+    run.metrics_file = _metrics_file(folder)
     if run.metrics_file is not None:
         _read_metrics(run)
     return run
@@ -148,10 +149,14 @@ def _first(folder: Path, pattern: str) -> Path | None:
     return next(iter(sorted(folder.glob(pattern))), None)
 
 
-def _metrics_file(study: str, folder: Path) -> Path | None:
-    if _record(study) is not None:
-        return _existing(folder / RESULTS_FILE)
-    candidates = sorted(folder.glob("*.json"), key=lambda path: ("metrics" not in path.name, path))
+def _metrics_file(folder: Path) -> Path | None:
+    """The run's results.json; for a run written before it (or by another tool), its JSON file
+    with "metrics" in the name, else its first JSON file (never status.json)."""
+    results = _existing(folder / RESULTS_FILE)
+    if results is not None:
+        return results
+    candidates = [path for path in folder.glob("*.json") if path.name != STATUS_FILE]
+    candidates.sort(key=lambda path: ("metrics" not in path.name, path))
     return candidates[0] if candidates else None
 
 
@@ -175,7 +180,7 @@ def _read_metrics(run: RunInfo) -> None:
         run.metrics_error = f"malformed {name}: {_first_line(error)}"
         return
     try:
-        run.metrics = headline_metrics(run.study, data)
+        run.metrics = headline_metrics(run.study, data, from_results=name == RESULTS_FILE)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
         run.metrics_error = f"unexpected content in {name}: {type(error).__name__} {error}"
 
@@ -197,11 +202,12 @@ def run_time(folder: Path) -> str:
 # ----------------------------------------------------------------------------------- metrics
 
 
-def headline_metrics(study: str, data: Any) -> dict[str, Headline]:
-    """A few headline numbers from a run's results JSON (raises on unexpected content)."""
+def headline_metrics(study: str, data: Any, from_results: bool = True) -> dict[str, Headline]:
+    """A few headline numbers from a run's JSON (raises on unexpected content): the study's own
+    headlines from its results.json, the first numbers found in any other JSON."""
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object, found {type(data).__name__}")
-    record = _record(study)
+    record = _record(study) if from_results else None
     return record.headlines(data) if record is not None else _generic_metrics(data)
 
 

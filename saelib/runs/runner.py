@@ -60,9 +60,15 @@ class RunInterrupted(KeyboardInterrupt):
         self.reason, self.run_dir = reason, run_dir
 
 
+OUTPUTS_VARIABLE = "SAELIB_OUTPUTS"
+
+
 def outputs_root() -> Path:
-    """Where runs go unless told otherwise: ``outputs/`` in the working directory."""
-    return Path.cwd() / "outputs"
+    """Where runs go unless told otherwise: ``$SAELIB_OUTPUTS`` when set (``make lab`` sets it
+    to the project's outputs/, so notebooks run from notebooks/ write there too), else
+    ``outputs/`` in the working directory."""
+    configured = os.environ.get(OUTPUTS_VARIABLE)
+    return Path(configured).expanduser() if configured else Path.cwd() / "outputs"
 
 
 def get_study(name: str) -> Study:

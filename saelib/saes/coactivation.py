@@ -4,8 +4,8 @@ One counting serves the orthogonality penalty (one training batch) and the featu
 eval (a set of vectors, batch by batch). It works on the slot view ``(acts, indices)`` of an
 :class:`~saelib.saes.SAEOutput`: a zero value is an inactive slot (a TopK latent cut by the
 ReLU, or the padding of a variable-k code), and the latents of one row's slots are distinct.
-A row with m slots yields at most m (m - 1) / 2 pairs, so the cost follows the active entries,
-never d_sae x d_sae.
+A batch whose busiest row has m slots costs B * m (m - 1) / 2 slot pairs: cheap for sparse
+codes (TopK, a trained ReLU SAE), more than a d_sae x d_sae matrix when m nears d_sae.
 
 Each unordered pair {i, j} is counted once (slots a < b, or a <= b with the diagonal), which
 halves the sort that dominates the cost; :func:`ordered_pairs` then yields (i, j) and (j, i).

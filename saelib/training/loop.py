@@ -149,7 +149,11 @@ class TrainResult:
     status: Status = "complete"  # "training" only in results passed to hooks mid-run
     message: str = ""  # why it diverged
     labels: dict = field(default_factory=dict)
-    optimizer: torch.optim.Optimizer | None = None  # its state may be changed by hooks
+    # For hooks, the live training state behind this model; changes made in place are kept (a
+    # hook that re-sorts or resamples latents permutes or resets all three together):
+    optimizer: torch.optim.Optimizer | None = None  # Adam's per-parameter moments
+    loss: Any = None  # the spec's loss, with its state (e.g. an EMA over latent pairs)
+    tokens_since_fired: Tensor | None = None  # (d_sae,) the dead-latent counter, when tracked
 
     @property
     def sae(self) -> nn.Module:
@@ -162,8 +166,9 @@ class StepInfo:
 
     ``step`` is the (0-based) step just done; ``progress`` is the fraction of training done
     after it, (step + 1) / total_steps: 1.0 after the last step (a loss at the next step sees
-    the same value as ``TrainState.progress``). A hook may change the models' weights and their
-    optimizers' state: the next step and the next checkpoint see the change.
+    the same value as ``TrainState.progress``). A hook may change, in place, the models'
+    weights, their optimizers' state, their losses' state and the dead-latent counters (see
+    :class:`TrainResult`): the next step and the next checkpoint see the change.
     """
 
     step: int
@@ -520,6 +525,8 @@ def _results(runs: list[_Run], folder: Path | None) -> list[TrainResult]:
             run.message,
             run.spec.labels,
             run.optimizer,
+            run.spec.loss,
+            run.tokens_since_fired,
         )
         for run in runs
     ]

@@ -116,7 +116,7 @@ def auxk_loss(
     e = x - x_hat (no gradient); e_hat decodes the ``min(k_aux, n_dead)`` largest pre-activations
     among the dead latents, without the decoder bias (it belongs to the main path).
 
-    - ``"per_dim_variance"`` (the progressive-orthogonality original, after sparsify):
+    - ``"per_dim_variance"`` (the orthogonality-penalty original, after sparsify):
       scale * mean over batch and dims of (e_hat - e)^2 / tv_j, with tv_j the input's per-dimension
       total variance on the batch and scale = min(n_dead / k_aux, 1), which weakens the loss while
       few latents are dead.

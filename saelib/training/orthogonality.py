@@ -8,8 +8,10 @@
 Only pairs of latents that fire together in the batch can have n_ij > 0, and only those with
 c_ij > 0 contribute, so everything is computed on the co-active pairs of the batch (at most
 B * m^2 of them for a code of m slots per row, m = k for TopK), never on d_sae x d_sae
-matrices; any SAE output works (fixed-k, variable-k, binary). The EMA of n_ij (runs 4-7) is
-kept as a sparse tensor of the pairs seen so far, pruned below ``ema_floor``.
+matrices; any SAE output works (fixed-k, variable-k, binary), cheaply while the code is sparse
+(m is the busiest row's count of active latents: a dense early ReLU code makes it large).
+The EMA of n_ij (runs 4-7) is kept as a sparse tensor of the pairs seen so far, pruned below
+``ema_floor``.
 
 Notes on the original formulation, kept as options:
 - ``include_diagonal=True`` (the original) makes n_jj = 1, so every active latent also pays a
