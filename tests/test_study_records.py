@@ -1,6 +1,6 @@
 """Study records: each study's files exist, its defaults are one set (the dataclass's, which the
-YAML file and the notebook's parameters cell must repeat exactly), its results file reads back into headline numbers, and no
-other part of the library names it."""
+YAML file and the notebook's parameters cell must repeat exactly), its results file reads back
+into headline numbers, and no other part of the library names it."""
 
 from __future__ import annotations
 
