@@ -67,7 +67,7 @@ from sklearn.metrics import f1_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from saelib.evals.common import save_json
+from saelib.io import write_json
 
 LETTERS = string.ascii_lowercase
 
@@ -144,7 +144,7 @@ class AbsorptionOutput:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        return save_json(self, path)
+        return write_json(path, self)
 
 
 @dataclass

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from saelib.activations import check_layer
 from saelib.data import load_documents
-from saelib.evals.common import save_json
 from saelib.evals.metrics import ReconstructionMetrics, evaluate
+from saelib.io import write_json
 from saelib.saes import SAE, SAEOutput
 
 
@@ -97,7 +97,7 @@ class CoreEvalOutput:
     sae_metadata: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        return save_json(self, path)
+        return write_json(path, self)
 
     @classmethod
     def load(cls, path: str | Path) -> CoreEvalOutput:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelib.evals.common import save_json
+from saelib.io import write_json
 from saelib.saes import SAE
 from saelib.saes.coactivation import count_pairs, ordered_pairs
 
@@ -376,12 +376,12 @@ class SeparationRecorder:
             self.snapshots[name] = [SeparationSnapshot.from_dict(item) for item in taken]
 
     def save(self, path: str | Path) -> Path:
-        return save_json(
+        return write_json(
+            path,
             {
                 "total_steps": self.total_steps,
                 "at_progress": self.at_progress,
                 "n_eval_samples": len(self.eval_acts),
                 "snapshots": self.snapshots,
             },
-            path,
         )

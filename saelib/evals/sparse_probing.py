@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from saelib.activations import residuals_for_texts
 from saelib.data import load_documents
-from saelib.evals.common import save_json
+from saelib.io import write_json
 from saelib.saes import SAE
 
 Example = tuple[str, str]
@@ -88,7 +88,7 @@ class SparseProbingOutput:
     metadata: dict = field(default_factory=dict)  # layer, model, SAE shape, seconds
 
     def save(self, path: str | Path) -> Path:
-        return save_json(self, path)
+        return write_json(path, self)
 
 
 @dataclass
