@@ -18,6 +18,7 @@ from saelib.training import (
     SAESpec,
     StepInfo,
     TrainConfig,
+    for_models,
     train_saes,
 )
 from saelib.training.loop import _lr_lambda
@@ -403,3 +404,11 @@ def test_training_from_a_streamed_cache_resumes_exactly(make_sae, toy_acts, tmp_
     [resumed] = train([SAESpec("sae", make_sae())], source(), config, tmp_path / "b")
     assert resumed.history == reference.history
     assert_same_weights(resumed.sae, reference.sae)
+
+
+def test_a_hook_for_some_models_sees_only_them(make_sae, toy_acts):
+    seen: list[list[str]] = []
+    hook = for_models(["b"], lambda info: seen.append([r.name for r in info.results]))
+    specs = [SAESpec("a", make_sae()), SAESpec("b", make_sae(seed=1))]
+    train(specs, toy_acts, small_config(epochs=0.125), hooks=[hook])
+    assert seen == [["b"], ["b"]]

@@ -26,10 +26,11 @@ weights; the others train on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,18 @@ class StepInfo:
 
 
 Hook = Callable[[StepInfo], None]
+
+
+def for_models(names: Iterable[str], hook: Hook) -> Hook:
+    """``hook`` restricted to the models named ``names`` (e.g. resampling for some SAEs only)."""
+    chosen = set(names)
+
+    def restricted(info: StepInfo) -> None:
+        results = [result for result in info.results if result.name in chosen]
+        if results:
+            hook(dataclasses.replace(info, results=results))
+
+    return restricted
 
 
 @dataclass
