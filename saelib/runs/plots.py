@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -128,3 +130,22 @@ def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> Path:
         path,
         lambda temporary: figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight"),
     )
+
+
+def frequency_profiles(frequencies: dict[str, Any]) -> plt.Figure:
+    """Each run's latent firing frequency by latent index (raw: is the index ordered?) and
+    sorted (the frequency spectrum), on a log scale."""
+    figure, (raw, ordered) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, frequency in frequencies.items():
+        values = np.asarray(frequency, dtype=float)
+        raw.plot(np.arange(len(values)), values, lw=0.8, alpha=0.8, label=name)
+        ordered.plot(np.sort(values)[::-1], lw=1.0, label=name)
+    for ax, title in ((raw, "frequency by latent index"), (ordered, "frequencies, sorted")):
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("latent index" if ax is raw else "rank")
+        ax.set_ylabel("fraction of samples active")
+        ax.set_title(title, fontsize=10)
+    if len(frequencies) <= 12:
+        ordered.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
