@@ -266,3 +266,30 @@ def test_latent_frequency_counts_rows_above_eps():
     x = synthetic(300)
     expected = (sae.encode(x) > 1e-4).double().mean(dim=0)
     torch.testing.assert_close(latent_frequency(sae, x, batch_size=64), expected.detach())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_with_ordering_and_resort_equals_an_uninterrupted_one(tmp_path):
+    x = synthetic(1024)
+    config = TrainConfig(lr=3e-3, batch_size=64, max_tokens=64 * 40, checkpoint_every=20)
+
+    def run(folder, hooks):
+        loss = OrderingLoss(L1Loss(0.5), "soft", weight=1.0)
+        spec = SAESpec("m", relu_sae(), loss)
+        return train_saes([spec], x, config, folder, hooks=hooks, progress=False)[0], loss
+
+    def stop_at_25(info):
+        if info.step == 25:
+            raise Interrupt
+
+    whole, whole_loss = run(tmp_path / "a", [ResortByFrequency(every=15)])
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", [ResortByFrequency(every=15), stop_at_25])
+    resumed, resumed_loss = run(tmp_path / "b", [ResortByFrequency(every=15)])
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert torch.equal(whole_loss.tracker.ema, resumed_loss.tracker.ema)
+    assert torch.equal(whole_loss.tracker.fired, resumed_loss.tracker.fired)
