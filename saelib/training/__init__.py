@@ -15,12 +15,20 @@ from saelib.training.loop import (
     train_saes,
 )
 from saelib.training.losses import AuxKCapable, Loss, TopKLoss, TrainState
+from saelib.training.matryoshka import MatryoshkaLoss
+from saelib.training.ordering import FrequencyTracker, OrderingLoss, ResortByFrequency
+from saelib.training.resampling import ResampleDead
 
 __all__ = [
     "AuxKCapable",
     "CheckpointMismatchError",
+    "FrequencyTracker",
     "L1Loss",
     "Loss",
+    "MatryoshkaLoss",
+    "OrderingLoss",
+    "ResampleDead",
+    "ResortByFrequency",
     "SAESpec",
     "StepInfo",
     "TopKLoss",
