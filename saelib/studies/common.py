@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,6 +91,47 @@ def load_split(params: SAEStudyParams, progress: bool = True) -> SplitData:
     activations = harvest(params.harvest_config(), progress=progress)
     train_rows, val_rows = activations.split_by_document(params.val_fraction, seed=0)
     return SplitData(activations, activations.acts[train_rows], activations.acts[val_rows])
+
+
+@dataclass
+class EvalContext:
+    """Language-model work shared by every SAE of a study (same model and layer): the model,
+    validation vectors, the absorption eval's words and the probing eval's pooled texts."""
+
+    lm: Any
+    val: torch.Tensor
+    absorption: Any  # saelib.evals.absorption.AbsorptionData
+    probing: Any  # saelib.evals.sparse_probing.ProbingData
+
+
+def core_eval_config(params: SAEStudyParams):
+    from saelib.evals.core import CoreEvalConfig
+
+    return CoreEvalConfig(n_texts=params.core_eval_texts, context_length=params.context_length)
+
+
+def absorption_config(params: SAEStudyParams):
+    """First-letter absorption on up to ``absorption_words_per_letter`` words per letter; letters
+    with fewer than 20 (or all of them, when fewer are asked for) are dropped."""
+    from saelib.evals.absorption import AbsorptionConfig
+
+    return AbsorptionConfig(
+        letters=params.absorption_letters,
+        max_words_per_letter=params.absorption_words_per_letter,
+        min_words_per_letter=min(20, params.absorption_words_per_letter),
+    )
+
+
+def prepare_lm_evals(params: SAEStudyParams, val: torch.Tensor, probing_config) -> EvalContext:
+    """Load the model and do the absorption and probing evals' language-model work once."""
+    from saelib.evals.absorption import prepare_absorption
+    from saelib.evals.sparse_probing import prepare_probing_data
+    from saelib.lm import load_lm
+
+    lm = load_lm(params.model)
+    absorption = prepare_absorption(lm, params.layer, absorption_config(params))
+    probing = prepare_probing_data(lm, params.layer, probing_config)
+    return EvalContext(lm, val, absorption, probing)
 
 
 def check_seed_range(seeds: Sequence[int]) -> None:

@@ -24,7 +24,14 @@ from saelib.params import (
 )
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.studies.claims import Claim, compare_to_reference, describe, summarize_seeds
-from saelib.studies.common import SAEStudyParams, SplitData
+from saelib.studies.common import (
+    EvalContext,
+    SAEStudyParams,
+    SplitData,
+    absorption_config,
+    core_eval_config,
+    prepare_lm_evals,
+)
 from saelib.studies.record import Headline, Study
 from saelib.studies.results import StudyResults, as_float, claims_held, mean
 from saelib.training import SAESpec
@@ -166,46 +173,19 @@ EVAL_COLUMNS = {
 }
 
 
-@dataclass
-class EvalContext:
-    """Language-model work shared by every SAE of the study (same model and layer)."""
-
-    lm: object
-    val: torch.Tensor
-    absorption: object  # saelib.evals.absorption.AbsorptionData
-    probing: object  # saelib.evals.sparse_probing.ProbingData
-
-
 def eval_configs(params: ProgressiveOrthoParams):
-    from saelib.evals.absorption import AbsorptionConfig
-    from saelib.evals.core import CoreEvalConfig
     from saelib.evals.sparse_probing import SparseProbingConfig
 
-    return (
-        CoreEvalConfig(n_texts=params.core_eval_texts, context_length=params.context_length),
-        AbsorptionConfig(
-            letters=params.absorption_letters,
-            max_words_per_letter=params.absorption_words_per_letter,
-            min_words_per_letter=min(20, params.absorption_words_per_letter),
-        ),
-        SparseProbingConfig(
-            n_train_per_class=params.probing_train_per_class,
-            n_test_per_class=params.probing_test_per_class,
-            context_length=params.context_length,
-        ),
+    probing = SparseProbingConfig(
+        n_train_per_class=params.probing_train_per_class,
+        n_test_per_class=params.probing_test_per_class,
+        context_length=params.context_length,
     )
+    return core_eval_config(params), absorption_config(params), probing
 
 
 def prepare_evals(params: ProgressiveOrthoParams, val: torch.Tensor) -> EvalContext:
-    from saelib.evals.absorption import prepare_absorption
-    from saelib.evals.sparse_probing import prepare_probing_data
-    from saelib.lm import load_lm
-
-    lm = load_lm(params.model)
-    _, absorption_config, probing_config = eval_configs(params)
-    absorption = prepare_absorption(lm, params.layer, absorption_config)
-    probing = prepare_probing_data(lm, params.layer, probing_config)
-    return EvalContext(lm, val, absorption, probing)
+    return prepare_lm_evals(params, val, eval_configs(params)[2])
 
 
 def evaluate_all(
