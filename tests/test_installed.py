@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from saelib.runs.runner import read_status
+from saelib.studies import STUDIES
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_the_wheel_ships_the_notebooks_and_params(site):
     studies = site / "saelib" / "studies"
     for folder in ("notebooks", "params"):
         assert (studies / folder).is_dir() and not (studies / folder).is_symlink()
-    for name in ("topk_grid", "progressive_orthogonality"):
+    for name in STUDIES:
         assert (studies / "notebooks" / f"{name}.ipynb").is_file()
         assert (studies / "params" / f"{name}.yaml").is_file()
         assert (studies / "params" / f"{name}.smoke.yaml").is_file()
@@ -84,9 +85,7 @@ def test_the_installed_cli_lists_and_runs_a_study_into_local_outputs(site, workd
     where = _run(site, workdir, "-c", "import saelib; print(saelib.__file__)")
     assert Path(where.strip()) == site / "saelib" / "__init__.py"
     listing = _run(site, workdir, "-m", "saelib", "list").splitlines()
-    assert sorted(line.split("\t")[0] for line in listing) == [
-        "progressive_orthogonality", "topk_grid"
-    ]  # fmt: skip
+    assert sorted(line.split("\t")[0] for line in listing) == sorted(STUDIES)
     for line in listing:
         assert Path(line.split("\t")[2]).is_relative_to(site), line
 
