@@ -124,7 +124,7 @@ def run_sparse_probing(
     skips the language model, e.g. when several SAEs read the same layer.
     """
     started = time.perf_counter()
-    layer = _resolve_layer(sae, layer)
+    layer = sae_layer(sae, layer)
     if data is None:
         data = prepare_probing_data(lm, layer, config, examples, progress)
     elif data.layer != layer:
@@ -145,7 +145,8 @@ def run_sparse_probing(
     return output
 
 
-def _resolve_layer(sae: SAE, layer: int | None) -> int:
+def sae_layer(sae: SAE, layer: int | None) -> int:
+    """``layer``, or the layer the SAE's metadata says it reads."""
     if layer is not None:
         return layer
     if sae.metadata.get("layer") is None:
@@ -343,7 +344,7 @@ def _union(chosen: dict[str, list[int]]) -> np.ndarray:
     return np.unique(np.concatenate(list(chosen.values())))
 
 
-def _one_vs_rest(
+def one_vs_rest(
     labels: np.ndarray, index: np.ndarray, positive: str, classes: Sequence[str], rng
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows (positives first) and 0/1 targets of a balanced binary set, as SAEBench builds it:
@@ -378,8 +379,8 @@ class _Probe:
 
     def one_vs_rest(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(train rows, train targets, test rows, test targets) of class ``name``."""
-        train = _one_vs_rest(self.labels, self.train, name, self.classes, self.rng)
-        test = _one_vs_rest(self.labels, self.test, name, self.classes, self.rng)
+        train = one_vs_rest(self.labels, self.train, name, self.classes, self.rng)
+        test = one_vs_rest(self.labels, self.test, name, self.classes, self.rng)
         return (*train, *test)
 
     def binary(self, features: np.ndarray, rows: tuple) -> float:

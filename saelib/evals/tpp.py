@@ -57,13 +57,13 @@ from saelib.evals.sparse_probing import (
     Example,
     ProbingData,
     SparseProbingConfig,
-    _one_vs_rest,
-    _resolve_layer,
     balanced_split,
     choose_classes,
     mean_pool,
+    one_vs_rest,
     pooled_latents,
     prepare_probing_data,
+    sae_layer,
 )
 from saelib.io import write_json
 from saelib.saes import SAE
@@ -152,7 +152,7 @@ def run_tpp(
     """
     started = time.perf_counter()
     config.validate()
-    layer = _resolve_layer(sae, layer)
+    layer = sae_layer(sae, layer)
     if data is None:
         data = prepare_probing_data(lm, layer, config.probing_config(), examples, progress)
     elif data.layer != layer:
@@ -306,8 +306,8 @@ class _Probes:
         self.unconverged = 0
         self.sets, self.models, self.clean = {}, {}, {}
         for name in classes:
-            train_rows = _one_vs_rest(labels, train, name, classes, rng)
-            test_rows = _one_vs_rest(labels, test, name, classes, rng)
+            train_rows = one_vs_rest(labels, train, name, classes, rng)
+            test_rows = one_vs_rest(labels, test, name, classes, rng)
             self.sets[name] = (train_rows, test_rows)
             self.models[name] = self._fit(config, features[train_rows[0]], train_rows[1])
             self.clean[name] = self._score(name, features)
