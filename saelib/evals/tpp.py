@@ -41,7 +41,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -95,20 +95,12 @@ class TPPConfig:
             raise ValueError(f"probe_input must be residual or reconstruction: {self.probe_input}")
 
     def probing_config(self) -> SparseProbingConfig:
-        """The sparse-probing config with the same data settings (texts, split, pooling)."""
-        return SparseProbingConfig(
-            dataset=self.dataset,
-            classes=self.classes,
-            n_train_per_class=self.n_train_per_class,
-            n_test_per_class=self.n_test_per_class,
-            context_length=self.context_length,
-            skip_first_token=self.skip_first_token,
-            batch_size=self.batch_size,
-            sae_batch_size=self.sae_batch_size,
-            C=self.C,
-            max_iter=self.max_iter,
-            seed=self.seed,
-        )
+        """The sparse-probing config with the same data settings (texts, split, pooling): every
+        field the two configs share, by name."""
+        shared = {item.name for item in fields(SparseProbingConfig)} & {
+            item.name for item in fields(self)
+        }
+        return SparseProbingConfig(**{name: getattr(self, name) for name in shared})
 
 
 @dataclass
