@@ -8,10 +8,13 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from saelib.runs.runner import read_status, run_study
 from saelib.studies import STUDIES
 from saelib.studies import frequency_ordering as study
+from saelib.studies.common import drop_norm_outliers
+from saelib.training import TrainResult
 
 
 def test_each_cumulative_run_adds_one_change_to_the_previous():
@@ -27,6 +30,24 @@ def test_a_configuration_is_trained_once_under_its_first_name():
     assert study.ALIASES["relu_none"] == "run0" and study.ALIASES["relu_published"] == "run2"
     assert len(set(study.VARIANTS.values())) == len(study.VARIANTS)
     assert set(study.ALIASES.values()) == set(study.VARIANTS)
+
+
+def test_bit_identical_saes_are_grouped_under_the_first():
+    def result(name: str, seed: int, nudge: float = 0.0) -> TrainResult:
+        sae = study.ReLUSAE(study.ReLUConfig(8, 16), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            sae.b_enc[0] += nudge
+        return TrainResult(name, sae, [], steps=0, seconds=0.0, checkpoint=None)
+
+    results = [result("a", 0), result("b", 1), result("c", 0), result("d", 0, nudge=1e-6)]
+    assert study.same_weights(results) == {"a": "a", "b": "b", "c": "a", "d": "d"}
+
+
+def test_norm_outliers_are_left_out():
+    vectors = torch.ones(100, 4)
+    vectors[7] *= 20  # a "massive activation": 20x the median norm
+    kept, n_dropped = drop_norm_outliers(vectors, 10.0)
+    assert n_dropped == 1 and len(kept) == 99 and kept.norm(dim=1).max() == 2.0
 
 
 def _summary(rows: dict[str, dict[str, tuple[float, float]]]) -> pd.DataFrame:
@@ -68,6 +89,8 @@ def test_smoke_run_shows_the_published_penalty_changes_nothing(tmp_path):
     rows = pd.DataFrame(results["per_seed"]).set_index(["variant", "seed"])
     metrics = ["explained_variance", "l0", "spearman", "absorption_rate", "tpp_score"]
     for run in ("run2", "run3"):  # no gradient: bit-identical training, identical evals
+        twins = rows.loc[run, "same_weights_as"]
+        assert list(twins) == [f"run0_s{seed}" for seed in results["params"]["seeds"]]
         pd.testing.assert_frame_equal(
             rows.loc[run, metrics], rows.loc["run0", metrics], check_exact=True
         )

@@ -28,8 +28,8 @@ Main (split) latents, k-sparse probing. Latents are ranked by mean activation on
 train words minus mean activation on the other train words. For k = 1..max_k a logistic
 regression on the top-k latents is fit on train and its F1 measured on test. Going up from
 k = 1 (previous best F1 = -inf), k is accepted while F1_k > best + f1_jump_threshold and the
-search stops at the first k that is not; the latents of the last accepted k are the main
-latents, ``n_split`` their count (SAEBench's ``num_split_features``).
+search stops at the first k that is not (no probe is fit beyond it); the latents of the last
+accepted k are the main latents, ``n_split`` their count (SAEBench's ``num_split_features``).
 
 Absorption, per probe-positive word with residual ``x`` and dense SAE latents ``a``. With
 ``cos_l = cos(W_dec[l], p)``, the latent's probe projection ``q_l = a_l * cos_l`` (decoder rows
@@ -127,7 +127,7 @@ class LetterAbsorption:
     n_probe_true_positives: int
     main_latents: list[int]
     n_split: int
-    k_sparse_f1: list[float]  # test F1 of the k-sparse probe, k = 1..max_k
+    k_sparse_f1: list[float]  # test F1 of the k-sparse probe, k = 1 .. the first k rejected
     n_absorbed: int  # full absorptions among the probe true positives
     absorption_rate: float | None  # n_absorbed / n_probe_true_positives
     absorption_fraction: float | None  # mean absorption fraction over the probe true positives
@@ -373,18 +373,17 @@ def find_main_latents(
     max_k: int = 10,
     f1_jump_threshold: float = 0.03,
 ) -> tuple[list[int], list[float]]:
-    """(main latents, test F1 for k = 1..max_k) by k-sparse probing (see the module docstring)."""
+    """(main latents, test F1 for k = 1 .. the first k rejected, or max_k) by k-sparse probing
+    (see the module docstring)."""
     ranked = rank_latents(latents_train, positive_train)[:max_k]
-    f1s = [
-        k_sparse_f1(latents_train[:, ranked[:k]], positive_train, latents_test[:, ranked[:k]],
-                    positive_test)
-        for k in range(1, len(ranked) + 1)
-    ]  # fmt: skip
-    best, main = -np.inf, []
-    for k, f1 in enumerate(f1s, start=1):
-        if f1 <= best + f1_jump_threshold:
+    best, main, f1s = -np.inf, [], []
+    for k in range(1, len(ranked) + 1):
+        columns = ranked[:k]
+        f1s.append(k_sparse_f1(latents_train[:, columns], positive_train,
+                               latents_test[:, columns], positive_test))  # fmt: skip
+        if f1s[-1] <= best + f1_jump_threshold:
             break
-        best, main = f1, [int(latent) for latent in ranked[:k]]
+        best, main = f1s[-1], [int(latent) for latent in columns]
     return main, f1s
 
 
@@ -481,11 +480,14 @@ def evaluate_letters(
     letters: Sequence[str],
     config: AbsorptionConfig,
     progress: bool = False,
+    probes: LetterProbes | None = None,
 ) -> list[LetterAbsorption]:
-    """Train the residual probes, then evaluate each letter (the eval without the LM)."""
+    """Evaluate each letter (the eval without the LM), training the residual probes unless
+    ``probes`` already holds them."""
     if isinstance(decoder, torch.Tensor):
         decoder = decoder.detach().float().cpu().numpy()
-    probes = train_letter_probes(arrays.x_train, arrays.letters_train, letters, config.probe_c)
+    if probes is None:
+        probes = train_letter_probes(arrays.x_train, arrays.letters_train, letters, config.probe_c)
     return [
         evaluate_letter(letter, arrays, probes, decoder, config)
         for letter in tqdm(letters, desc="absorption letters", disable=not progress)
@@ -522,6 +524,15 @@ class AbsorptionData:
     residuals: np.ndarray  # (len(train) + len(test), d_model)
     layer: int
     model: str
+    _probes: dict[float, LetterProbes] = field(default_factory=dict, repr=False, compare=False)
+
+    def letter_probes(self, c: float) -> LetterProbes:
+        """The residual probes (they do not depend on the SAE): trained once per ``c``."""
+        if c not in self._probes:
+            x_train = self.residuals[: len(self.train)]
+            letters = np.asarray([word[0] for word in self.train])
+            self._probes[c] = train_letter_probes(x_train, letters, list(self.words_by_letter), c)
+        return self._probes[c]
 
 
 def prepare_absorption(
@@ -553,7 +564,9 @@ def absorption_from_data(
         sae, data.residuals[:n_train], [w[0] for w in data.train], data.residuals[n_train:],
         [w[0] for w in data.test],
     )  # fmt: skip
-    rows = evaluate_letters(arrays, sae.W_dec, list(data.words_by_letter), config, progress)
+    probes = data.letter_probes(config.probe_c)
+    letters = list(data.words_by_letter)
+    rows = evaluate_letters(arrays, sae.W_dec, letters, config, progress, probes)
     meta = {
         "model": data.model,
         "d_sae": int(sae.d_sae),

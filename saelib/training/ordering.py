@@ -16,13 +16,19 @@ Three pieces, each usable alone:
     mean. It is computed from no-grad counts, so it has no gradient: training with it is
     bit-identical to training with the base loss alone (the original's runs 2 and 3 equal the
     baseline). Kept to show exactly that.
-  * ``kind="soft"`` (the default): weight(step) * mean_i relu(q_{i+1} - q_i + margin) with the soft
-    frequency q_i = mean_b sigmoid((f_bi - eps) / temperature) on the dense code of the batch.
-    It is differentiable: it pushes the activations of a latent that fires more than its
-    predecessor down (towards not firing) and its predecessor's up. An inactive entry adds the
-    same constant sigmoid(-eps / temperature) to every q_i, which cancels in the differences.
-    ``margin`` > 0 asks for strictly decreasing soft frequencies; over d_sae latents it demands a
-    spread of margin * (d_sae - 1), so it must stay well below 1 / d_sae.
+  * ``kind="soft"`` (the default): weight(step) * recon * mean_{i<j} relu(q_j - q_i + margin),
+    over all pairs of latents (or only adjacent ones, ``pairs="adjacent"``), with the soft
+    frequency q_i = mean_b sigmoid(z_bi) and z_bi = (pre_bi - threshold_b) / (temperature *
+    std_b(pre_bi)): how far latent i's pre-activation lies above the level at which it fires, in
+    units of its own spread over the batch (a ReLU SAE fires above ``eps``; a TopK SAE above the
+    midpoint of the row's k-th and (k+1)-th pre-activations). The pre-activations are recomputed
+    with gradient, so a latent that does not fire is pushed too: a latent that fires more than
+    one before it is pushed down, the one before it up. Over all pairs the push on a latent
+    grows with the number of latents out of order with it, so a frequent latent at a high index
+    moves towards the front in one go, not one neighbour at a time. ``recon`` is the base loss's
+    reconstruction term (no gradient), so ``weight`` is relative to it whatever the loss scale.
+    ``margin`` > 0 asks for strictly decreasing soft frequencies and must stay well below
+    1 / d_sae.
 
   weight(step) rises linearly from 0 to ``weight`` over the first ``ramp_steps`` steps (the
   original's run 3: 0 -> 0.5 over 1000 batches), and is ``weight`` from the start when
@@ -57,14 +63,16 @@ __all__ = [
     "latent_axes",
     "permute_latents",
     "published_penalty",
+    "firing_margin",
+    "pair_violations",
     "soft_frequency",
-    "soft_penalty",
 ]
 
 EPS = 1e-4  # a latent "fires" on a sample when f_i > EPS (the original's threshold)
 OrderingKind = Literal["published", "soft"]
 ORDERING_KINDS = ("published", "soft")
 Statistic = Literal["ema", "mean"]
+Pairs = Literal["all", "adjacent"]
 
 
 class FrequencyTracker:
@@ -143,15 +151,40 @@ def published_penalty(frequency: Tensor) -> Tensor:
     return torch.relu(frequency[1:] - frequency[:-1]).mean()
 
 
-def soft_frequency(codes: Tensor, eps: float, temperature: float) -> Tensor:
-    """(d_sae,) mean over the batch of sigmoid((f_bi - eps) / temperature), differentiable."""
-    return torch.sigmoid((codes.float() - eps) / temperature).mean(dim=0)
+def firing_margin(model: nn.Module, x: Tensor, eps: float = EPS) -> Tensor:
+    """(batch, d_sae) pre-activations minus the level above which each latent fires, with
+    gradient: > 0 exactly where the latent fires. A model with ``pre_acts(x)`` (a ReLU SAE) fires
+    above ``eps``; a TopK SAE (``k``) above the midpoint of each row's k-th and (k+1)-th largest
+    pre-activation (and above ``eps``, as a TopK code is also ReLU'd)."""
+    pre_acts_of = getattr(model, "pre_acts", None)
+    if callable(pre_acts_of):
+        return pre_acts_of(x) - eps
+    pre = torch.addmm(model.b_enc, x - model.b_dec, model.W_enc.T)
+    k = getattr(model, "k", None)
+    if k is None:
+        raise TypeError(f"{type(model).__name__} has neither pre_acts(x) nor k")
+    with torch.no_grad():
+        top = pre.topk(min(k + 1, pre.shape[-1]), dim=-1).values
+        threshold = ((top[:, k - 1] + top[:, -1]) / 2).clamp_min(eps)
+    return pre - threshold[:, None]
 
 
-def soft_penalty(codes: Tensor, eps: float, temperature: float, margin: float) -> Tensor:
-    """mean_i relu(q_{i+1} - q_i + margin) on the soft frequencies q of a dense code."""
-    q = soft_frequency(codes, eps, temperature)
-    return torch.relu(q[1:] - q[:-1] + margin).mean()
+def soft_frequency(margin: Tensor, temperature: float) -> Tensor:
+    """(d_sae,) mean over the batch of sigmoid(margin / (temperature * std_b(margin))):
+    each latent's firing frequency, smoothed on the scale of its own pre-activations."""
+    margin = margin.float()
+    spread = margin.detach().std(dim=0).clamp_min(1e-6)
+    return torch.sigmoid(margin / (temperature * spread)).mean(dim=0)
+
+
+def pair_violations(q: Tensor, margin: float = 0.0, pairs: Pairs = "all") -> Tensor:
+    """mean relu(q_j - q_i + margin) over index pairs i < j (all, or adjacent j = i + 1):
+    0 when q decreases along the index by at least ``margin`` at every step."""
+    if pairs == "adjacent":
+        return torch.relu(q[1:] - q[:-1] + margin).mean()
+    later_minus_earlier = q[None, :] - q[:, None]  # [i, j] = q_j - q_i
+    upper = torch.ones_like(later_minus_earlier, dtype=torch.bool).triu(diagonal=1)
+    return torch.relu(later_minus_earlier[upper] + margin).mean()
 
 
 @dataclass
@@ -164,8 +197,9 @@ class OrderingLoss:
     kind: OrderingKind = "soft"
     weight: float = 0.3  # the original's lambda2 (run 2)
     ramp_steps: int = 0
-    temperature: float = 0.1
+    temperature: float = 0.5
     margin: float = 0.0
+    pairs: Pairs = "all"
     eps: float = EPS
     decay: float = 0.99
     _tracker: FrequencyTracker = field(init=False, repr=False)
@@ -175,6 +209,8 @@ class OrderingLoss:
             raise ValueError(f"ordering kind must be one of {ORDERING_KINDS}, got {self.kind!r}")
         if self.temperature <= 0 or self.ramp_steps < 0:
             raise ValueError("temperature must be positive and ramp_steps non-negative")
+        if self.pairs not in ("all", "adjacent"):
+            raise ValueError(f"pairs must be 'all' or 'adjacent', got {self.pairs!r}")
         self._tracker = FrequencyTracker(self.decay, self.eps)
 
     @property
@@ -196,8 +232,11 @@ class OrderingLoss:
         if self.kind == "published":
             with torch.no_grad():
                 penalty = published_penalty(self.tracker.mean).float()
+        elif weight == 0:
+            penalty = torch.zeros((), device=x.device)
         else:
-            penalty = soft_penalty(output.dense(), self.eps, self.temperature, self.margin)
+            q = soft_frequency(firing_margin(model, x, self.eps), self.temperature)
+            penalty = pair_violations(q, self.margin, self.pairs) * terms["recon"].detach()
         ordering = weight * penalty
         return terms | {"ordering": ordering, "total": terms["total"] + ordering}
 
