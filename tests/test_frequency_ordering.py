@@ -67,8 +67,14 @@ def test_claims_on_a_table_where_only_the_soft_penalty_orders():
     claims = {claim.number: claim for claim in study.check_claims(summary)}
     assert not claims[1].holds and "+0.0000" in claims[1].evidence  # published: no change
     assert not claims[2].holds  # the ramp changes nothing either
+    tiny = {**same, "explained_variance": (0.8 + 1e-7, 0.01)}  # float rounding, not a change
+    summary.loc["run3"] = _summary({"run3": tiny}).loc["run3"]
+    assert not {c.number: c for c in study.check_claims(summary)}[2].holds
     assert claims[5].holds  # absorption equal for runs 0, 2, 3
     assert claims[6].holds and "-0.7000" in claims[6].evidence
+    better = {"spearman": (-0.5, 0.02), "explained_variance": (0.85, 0.01)}  # no cost: a gain
+    summary.loc["relu_soft"] = _summary({"relu_soft": better}).loc["relu_soft"]
+    assert {c.number: c for c in study.check_claims(summary)}[6].holds
 
 
 def test_a_soft_penalty_within_the_seed_spread_does_not_count():
