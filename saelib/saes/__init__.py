@@ -1,10 +1,14 @@
 """SAE architectures: one module each, registered by name for checkpoint loading."""
 
 from saelib.saes.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, load_sae
+from saelib.saes.binary import BinaryConfig, BinaryOutput, BinarySAE, topk_target
 from saelib.saes.relu import ReLUConfig, ReLUSAE
 from saelib.saes.topk import TopKConfig, TopKSAE, geometric_median
 
 __all__ = [
+    "BinaryConfig",
+    "BinaryOutput",
+    "BinarySAE",
     "ReLUConfig",
     "ReLUSAE",
     "SAE",
@@ -15,4 +19,5 @@ __all__ = [
     "TopKSAE",
     "geometric_median",
     "load_sae",
+    "topk_target",
 ]

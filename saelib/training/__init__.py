@@ -1,5 +1,6 @@
 """Training: one loop for every model, its losses and penalties, checkpoints and resume."""
 
+from saelib.training.bsa import BSALoss, anneal_progress
 from saelib.training.checkpoints import CheckpointMismatchError
 from saelib.training.l1 import L1Loss
 from saelib.training.loop import (
@@ -21,6 +22,7 @@ from saelib.training.resampling import ResampleDead
 
 __all__ = [
     "AuxKCapable",
+    "BSALoss",
     "CheckpointMismatchError",
     "FrequencyTracker",
     "L1Loss",
@@ -36,6 +38,7 @@ __all__ = [
     "TrainResult",
     "TrainSpec",
     "TrainState",
+    "anneal_progress",
     "for_models",
     "make_optimizer",
     "pick_device",
