@@ -108,5 +108,12 @@ def test_smoke_run_shows_the_published_penalty_changes_nothing(tmp_path):
     assert (dependence.drop(index="run9", level="variant") < 1e-6).all()
     claims = {claim["number"]: claim for claim in results["claims"]}
     assert claims[1]["holds"] is False and claims[2]["holds"] is False
-    for figure in ("training_loss", "cumulative", "ordering_methods", "feature_frequencies"):
+    figures = (
+        "training_loss",
+        "cumulative",
+        "ordering_methods",
+        "feature_frequencies",
+        "feature_frequencies_cumulative",
+    )
+    for figure in figures:
         assert (run_dir / "figures" / f"{figure}.png").stat().st_size > 0

@@ -18,6 +18,12 @@ HEATMAP_METRICS = {
     "mean_activation": ("Mean activation (active latents)", "mako", "{:.2f}"),
     "max_activation": ("Max activation", "mako", "{:.1f}"),
     "mse": ("Reconstruction loss (MSE)", "rocket", "{:.4f}"),
+    "cosine_loss": ("Reconstruction loss (1 - cosine)", "rocket", "{:.3f}"),
+    "topk_cosine_loss": ("Fixed-TopK reconstruction (1 - cosine)", "rocket", "{:.3f}"),
+    "active_mean": ("Active bits per sample (mean)", "mako", "{:.1f}"),
+    "active_std": ("Active bits per sample (std)", "mako", "{:.1f}"),
+    "dead_fraction": ("Dead bits", "rocket_r", "{:.1%}"),
+    "probe_accuracy": ("Topic probe accuracy", "viridis", "{:.3f}"),
 }
 
 
@@ -132,20 +138,40 @@ def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> Path:
     )
 
 
-def frequency_profiles(frequencies: dict[str, Any]) -> plt.Figure:
-    """Each run's latent firing frequency by latent index (raw: is the index ordered?) and
+def frequency_profiles(frequencies: dict[str, Any], window: int = 25) -> plt.Figure:
+    """Each run's latent firing frequency by latent index, as a running mean over ``window``
+    neighbouring latents (is the index ordered? an ordered run falls from left to right), and
     sorted (the frequency spectrum), on a log scale."""
     figure, (raw, ordered) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, frequency in frequencies.items():
         values = np.asarray(frequency, dtype=float)
-        raw.plot(np.arange(len(values)), values, lw=0.8, alpha=0.8, label=name)
+        width = max(1, min(window, len(values)))
+        smoothed = np.convolve(values, np.ones(width) / width, mode="valid")
+        raw.plot(np.arange(len(smoothed)) + (width - 1) / 2, smoothed, lw=1.0, label=name)
         ordered.plot(np.sort(values)[::-1], lw=1.0, label=name)
-    for ax, title in ((raw, "frequency by latent index"), (ordered, "frequencies, sorted")):
+    titles = (f"frequency by latent index (running mean of {window})", "frequencies, sorted")
+    for ax, title in zip((raw, ordered), titles, strict=True):
         ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_xlabel("latent index" if ax is raw else "rank")
         ax.set_ylabel("fraction of samples active")
         ax.set_title(title, fontsize=10)
     if len(frequencies) <= 12:
         ordered.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def count_histograms(histograms: dict[str, list[int]], k: int | None = None) -> plt.Figure:
+    """The distribution of active units per sample for each named code (counts by number of
+    active units), with K marked: a TopK code is one bar at K."""
+    figure, ax = plt.subplots(figsize=(7, 3.8))
+    for name, counts in histograms.items():
+        values = np.asarray(counts, dtype=float)
+        ax.step(np.arange(len(values)), values / max(values.sum(), 1), where="mid", label=name)
+    if k is not None:
+        ax.axvline(k, color="0.3", linestyle="--", linewidth=1, label=f"K = {k}")
+    ax.set_xlabel("active units per sample")
+    ax.set_ylabel("fraction of samples")
+    ax.legend(fontsize=7)
     figure.tight_layout()
     return figure
