@@ -8,13 +8,15 @@ last hidden states over the text's tokens (attention mask), truncated at the mod
 ``max_seq_length`` (256), then L2-normalised.
 
 :func:`embed_documents` embeds the first ``limit`` documents of a dataset (``"wiki"`` by
-default: 10,033 Wikipedia lead summaries in 12 topics) and keeps each text's document index and
-label (the wiki topic). The result is cached under ``SAELIB_CACHE/embeddings/<key>``, the key a
-hash of everything that determines the vectors (model, package version, dataset and its
-fingerprint, count); a second request reads the cache. The folder (``embeddings.safetensors``
-and ``meta.json`` with the file's size and sha256) is written into a staging folder and renamed
-into place, under a per-key lock, so a crash never leaves a torn cache and two processes compute
-it once. A cache that fails its checks raises :class:`CorruptEmbeddingCacheError`.
+default: 10,033 Wikipedia lead summaries in 12 topics), or a seeded random ``sample`` of them (the
+wiki file is grouped by topic, so its first documents are a skewed subset), and keeps each text's
+document index and label (the wiki topic). The result is cached under
+``SAELIB_CACHE/embeddings/<key>``, the key a hash of everything that determines the vectors
+(model, package version, dataset and its fingerprint, count, sample); a second request reads
+the cache. The folder (``embeddings.safetensors`` and ``meta.json`` with the file's size and
+sha256) is written into a staging folder and renamed into place, under a per-key lock, so a
+crash never leaves a torn cache and two processes compute it once. A cache that fails its
+checks raises :class:`CorruptEmbeddingCacheError`.
 """
 
 from __future__ import annotations
@@ -116,22 +118,38 @@ class EmbeddingConfig:
     dataset: str = "wiki"  # an embedded dataset name or a local file (see saelib.data)
     limit: int | None = None  # embed the first `limit` documents; None: all of them
     model: str = MODEL_NAME
+    sample: int | None = None  # a seeded random subset of this many of those documents
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.model != MODEL_NAME:
             raise ValueError(f"model must be {MODEL_NAME!r} (the one shipped), got {self.model!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive count or None, got {self.limit}")
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"sample must be a positive count or None, got {self.sample}")
 
     def cache_key(self) -> str:
         """Hash of everything that determines the vectors (not the device or batch size)."""
-        determining = asdict(self) | {
+        determining = asdict(self)
+        if self.sample is None:  # keys of configs without a sample stay as they were
+            del determining["sample"], determining["sample_seed"]
+        determining |= {
             "format": CACHE_FORMAT,
             "package_version": package_version(),
             "dataset_fingerprint": dataset_fingerprint(self.dataset),
         }
         text = json.dumps(determining, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def chosen(self, n_documents: int) -> Tensor:
+        """The indices (sorted) of the documents to embed out of ``n_documents``."""
+        if self.sample is None:
+            return torch.arange(n_documents)
+        if self.sample > n_documents:
+            raise ValueError(f"sample={self.sample} exceeds the {n_documents} documents")
+        generator = torch.Generator().manual_seed(self.sample_seed)
+        return torch.randperm(n_documents, generator=generator)[: self.sample].sort().values
 
 
 def dataset_fingerprint(source: str) -> str:
@@ -195,20 +213,25 @@ def embed_documents(
         if folder.exists():  # another process embedded them while we waited
             return read_cache(folder, config)
         documents = load_documents(config.dataset, config.limit)
+        chosen = config.chosen(len(documents))
+        documents = [documents[int(index)] for index in chosen]
         encoder = SentenceEncoder(device)
         vectors = encoder.encode([doc.text for doc in documents], batch_size, progress)
         labels = [doc.label for doc in documents]
-        write_cache(folder, config, vectors, labels)
+        write_cache(folder, config, vectors, labels, chosen)
     return replace(read_cache(folder, config), from_cache=False)
 
 
 def write_cache(
-    folder: Path, config: EmbeddingConfig, vectors: Tensor, labels: list[str | None]
+    folder: Path,
+    config: EmbeddingConfig,
+    vectors: Tensor,
+    labels: list[str | None],
+    doc_index: Tensor | None = None,
 ) -> None:
     """Write the cache folder whole (staging folder renamed into place)."""
-    data = save(
-        {"embeddings": vectors.float().contiguous(), "doc_index": torch.arange(len(vectors))}
-    )
+    doc_index = torch.arange(len(vectors)) if doc_index is None else doc_index
+    data = save({"embeddings": vectors.float().contiguous(), "doc_index": doc_index.long()})
     meta = {
         "config": asdict(config),
         "cache_key": config.cache_key(),
