@@ -194,3 +194,19 @@ def test_smoke_run_measures_every_cell_and_the_controls_are_exact(tmp_path):
     assert [claim["number"] for claim in results["claims"]] == [1, 2, 3, 4, 5]
     for figure in ("grid", "ablations", "active_counts"):
         assert (run_dir / "figures" / f"{figure}.png").stat().st_size > 0
+
+
+def test_the_topic_probe_agrees_with_sklearns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    features = torch.randn(300, 8, generator=generator) + 1.5 * torch.nn.functional.one_hot(
+        labels, 8
+    )
+    train, val = slice(0, 200), slice(200, 300)
+    ours = study.probe_accuracy(features[train], labels[train], features[val], labels[val], 100)
+    mean, std = features[train].mean(0), features[train].std(0)
+    reference = LogisticRegression(max_iter=1000).fit((features[train] - mean) / std, labels[train])
+    theirs = reference.score((features[val] - mean) / std, labels[val])
+    assert ours > 0.6 and abs(ours - theirs) <= 0.02

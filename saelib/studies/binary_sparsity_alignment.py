@@ -79,7 +79,7 @@ class BinarySparsityParams:
     context_length: int = 128
     harvest_batch_size: int = 16
     pooling: Literal["mean", "token"] = "mean"
-    latent_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])  # N
+    latent_dims: list[int] = field(default_factory=lambda: [256, 512])  # N
     k_values: list[int] = field(default_factory=lambda: [8, 16, 32])  # K
     # both ablations run at one (N, K) of the grid
     ablation_latent_dim: int = 512
@@ -109,7 +109,7 @@ class BinarySparsityParams:
     auxk_alpha: float = 1 / 32  # the TopK SAE control
     lr: float = 1e-2
     batch_size: int = 128
-    epochs: float = 25.0
+    epochs: float = 15.0
     val_fraction: float = 0.2
     probe_max_iter: int = 100
     neighbours: int = 10  # k of the nearest-neighbour agreement
@@ -411,17 +411,28 @@ def knn_agreement(x: Tensor, recon: Tensor, k: int) -> float:
 
 
 def probe_accuracy(train: Tensor, train_y: Tensor, val: Tensor, val_y: Tensor, iters: int) -> float:
-    """Validation accuracy of a multinomial logistic regression on standardised features."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
+    """Validation accuracy of a multinomial logistic regression (L2, sklearn's C = 1) on
+    standardised features, fitted by full-batch L-BFGS in torch: the same model as sklearn's,
+    several times faster on a hundred codes."""
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        probe = LogisticRegression(max_iter=iters).fit(((train - mean) / std).numpy(), train_y)
-    return float(probe.score(((val - mean) / std).numpy(), val_y))
+    features, targets = (train - mean) / std, train_y.long()
+    n_classes = int(max(train_y.max(), val_y.max())) + 1
+    weights = torch.zeros(features.shape[1] + 1, n_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=iters, line_search_fn="strong_wolfe")
+    ones = torch.ones(len(features), 1)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logits = torch.cat([features, ones], dim=1) @ weights
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss = loss + 0.5 * weights[:-1].pow(2).sum()  # sklearn: C = 1, intercept unpenalised
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        logits = torch.cat([(val - mean) / std, torch.ones(len(val), 1)], dim=1) @ weights
+    return float((logits.argmax(dim=1) == val_y).float().mean())
 
 
 def evaluate_one(result: TrainResult, data: CodeData, params: BinarySparsityParams):
