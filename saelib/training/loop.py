@@ -4,7 +4,8 @@
 and given to every model. The batch order is a pure function of (seed, step), so a run resumed
 from a checkpoint sees exactly the batches an uninterrupted run would.
 
-The loop knows no architecture. Per model and step it computes ``output = model(batch)`` and
+The loop knows no architecture. Per model and step it computes ``output = model(batch)`` (or
+``model(loss.model_input(batch))`` when the loss defines it) and
 ``terms = loss(model, batch, output, state)``, minimises ``terms["total"]``, and calls what the
 model defines of:
 
@@ -369,7 +370,7 @@ def _train_step(
         _call(model, "on_first_batch", batch)
     use_autocast = config.bf16_autocast and device.type == "cuda"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-        output = model(batch)
+        output = model(_model_input(spec.loss, batch))
         fired = _fired(output)
         state = TrainState(step, total, _dead(run, fired, config.dead_after_tokens))
         terms = spec.loss(model, batch, output, state)
@@ -394,6 +395,13 @@ def _train_step(
     if step % config.log_every == 0 or run.step == total:
         run.history.append(_log_entry(lr, terms, state, grad_norm))
     run.seconds += time.perf_counter() - started
+
+
+def _model_input(loss: Any, batch: Tensor) -> Tensor:
+    """What the model reads of a batch: all of it, unless the loss says (``model_input``; a
+    next-token loss gives a language model each row but its last token)."""
+    model_input = getattr(loss, "model_input", None)
+    return model_input(batch) if model_input is not None else batch
 
 
 def _fired(output: Any) -> Tensor | None:
