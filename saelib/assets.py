@@ -76,6 +76,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAELIB_CACHE", Path.home() / ".cache" / "saelib")).expanduser()
 
 
+def source_fingerprint(source: str) -> str:
+    """Identify the content behind a model or dataset source, cheaply, for cache keys: an
+    embedded asset's sha256, a file's path, size and modification time, else the name itself."""
+    if source in ASSETS:
+        return ASSETS[source].sha256
+    path = Path(source).expanduser()
+    if path.exists():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return source
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -137,7 +137,7 @@ class EmbeddingConfig:
         determining |= {
             "format": CACHE_FORMAT,
             "package_version": package_version(),
-            "dataset_fingerprint": dataset_fingerprint(self.dataset),
+            "dataset_fingerprint": assets.source_fingerprint(self.dataset),
         }
         text = json.dumps(determining, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -150,17 +150,6 @@ class EmbeddingConfig:
             raise ValueError(f"sample={self.sample} exceeds the {n_documents} documents")
         generator = torch.Generator().manual_seed(self.sample_seed)
         return torch.randperm(n_documents, generator=generator)[: self.sample].sort().values
-
-
-def dataset_fingerprint(source: str) -> str:
-    """Identify a dataset's content cheaply: an embedded one's sha256, a file's size and time."""
-    if source in assets.ASSETS:
-        return assets.ASSETS[source].sha256
-    path = Path(source).expanduser()
-    if path.exists():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return source
 
 
 @dataclass

@@ -210,3 +210,27 @@ def test_the_topic_probe_agrees_with_sklearns_logistic_regression():
     reference = LogisticRegression(max_iter=1000).fit((features[train] - mean) / std, labels[train])
     theirs = reference.score((features[val] - mean) / std, labels[val])
     assert ours > 0.6 and abs(ours - theirs) <= 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooling", ["mean", "token"])
+def test_the_residual_source_pools_per_document_or_keeps_tokens_and_trains(pooling):
+    params = study.BinarySparsityParams(
+        **SMALL, source="residual", layer=3, max_tokens=600, context_length=64, pooling=pooling,
+        loss_metrics=[ORIGINAL], estimators=["passthrough"], seeds=[0], epochs=1.0,
+        batch_size=32, device="cpu",
+    )  # fmt: skip
+    params.check()
+    data = study.load_data(params, progress=False)
+    n_docs = data.doc_index.unique().numel()
+    if pooling == "mean":  # one vector per document, each with its own topic and text
+        assert len(data.vectors) == n_docs == len(data.texts) == len(data.labels)
+    else:
+        assert len(data.vectors) > n_docs
+    assert data.vectors.shape[1] == 576 and torch.isfinite(data.vectors).all()
+    shared = set(data.doc_index[data.train_rows].tolist()) & set(
+        data.doc_index[data.val_rows].tolist()
+    )
+    assert not shared  # split by document
+    results = study.train_all(params, data, checkpoint_dir=None, progress=False)
+    assert all(result.status == "complete" for result in results)

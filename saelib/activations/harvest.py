@@ -87,10 +87,10 @@ class HarvestConfig:
         determining = {
             "format": CACHE_FORMAT,
             "model": self.model,
-            "model_fingerprint": _fingerprint(self.model),
+            "model_fingerprint": assets.source_fingerprint(self.model),
             "layer": self.layer,
             "dataset": self.dataset,
-            "dataset_fingerprint": _fingerprint(self.dataset),
+            "dataset_fingerprint": assets.source_fingerprint(self.dataset),
             "positions": self.positions,
             "max_tokens": self.max_tokens,
             "context_length": self.context_length,
@@ -342,14 +342,3 @@ def _position_mask(encoded, batch: list[Document], positions: Positions) -> torc
         offsets = encoded["offset_mapping"]  # (batch, seq, 2) character spans
         return real & (offsets[..., 1] > starts) & (offsets[..., 1] > offsets[..., 0])
     raise ValueError(f"positions must be 'all', 'last' or 'answer', got {positions!r}")
-
-
-def _fingerprint(source: str) -> str:
-    """Identify the content behind a model or dataset source, cheaply."""
-    if source in assets.ASSETS:
-        return assets.ASSETS[source].sha256
-    path = Path(source).expanduser()
-    if path.exists():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return source
