@@ -28,8 +28,11 @@ HEATMAP_METRICS = {
 
 
 def grid_heatmaps(summary: pd.DataFrame, metrics: list[str] | None = None) -> plt.Figure:
-    """One annotated heatmap per metric over K x latent_dim; cells show mean +- std over seeds."""
-    metrics = metrics or list(HEATMAP_METRICS)
+    """One annotated heatmap per metric over K x latent_dim; cells show mean +- std over seeds.
+
+    ``metrics`` defaults to every metric of ``HEATMAP_METRICS`` that ``summary`` has.
+    """
+    metrics = metrics or [name for name in HEATMAP_METRICS if f"{name}_mean" in summary]
     n_cols = min(3, len(metrics))
     n_rows = -(-len(metrics) // n_cols)
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.8 * n_rows), squeeze=False)
