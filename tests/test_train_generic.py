@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -23,6 +23,7 @@ from saelib.training import (
     TrainConfig,
     TrainSpec,
     TrainState,
+    for_models,
     train_saes,
 )
 
@@ -149,6 +150,42 @@ def test_interrupted_then_resumed_equals_uninterrupted(windows, tmp_path):
     wider = lm_spec(width=32)  # another model: its checkpoint is refused
     with pytest.raises(CheckpointMismatchError, match="shapes"):
         train([wider], windows, train_config, tmp_path / "b")
+
+
+@dataclass
+class CountingHook:
+    """Counts, per model, the steps it has seen: state that a resume must restore."""
+
+    seen: dict = field(default_factory=dict)
+
+    def __call__(self, info: StepInfo) -> None:
+        for result in info.results:
+            self.seen[result.name] = self.seen.get(result.name, 0) + 1
+
+    def hook_state(self, name: str) -> dict:
+        return {"seen": self.seen.get(name, 0)}
+
+    def load_hook_state(self, name: str, state: dict) -> None:
+        self.seen[name] = state["seen"]
+
+
+def test_a_hooks_per_model_state_is_checkpointed_and_restored(windows, tmp_path):
+    train_config = config(checkpoint_every=7)
+    with pytest.raises(Interrupt):
+        hooks = [CountingHook(), for_models(["lm"], CountingHook()), crash_at(17)]
+        train([lm_spec()], windows, train_config, tmp_path, hooks=hooks)
+    fresh, restricted = CountingHook(), for_models(["lm"], CountingHook())
+    train([lm_spec()], windows, train_config, tmp_path, hooks=[fresh, restricted])
+    # 14 steps restored from the checkpoint, then steps 14..39 seen live
+    assert fresh.seen == restricted.hook.seen == {"lm": 40}
+
+
+def crash_at(step: int):
+    def crash(info: StepInfo) -> None:
+        if info.step == step:
+            raise Interrupt
+
+    return crash
 
 
 def test_a_nan_loss_stops_the_model_as_diverged(windows, tmp_path):

@@ -16,7 +16,10 @@ model defines of:
 
 When the output has ``fired()`` ((n_latents,) bool), latents silent for ``dead_after_tokens``
 vectors are passed to the loss as dead (``TrainState.dead``; None otherwise). Hooks
-``hook(StepInfo)`` run after every step and see the models and their optimizers.
+``hook(StepInfo)`` run after every step and see the models and their optimizers. A hook that
+keeps state per model (a mask search's running statistics) defines ``hook_state(name)`` and
+``load_hook_state(name, state)``: that state goes into the model's checkpoint and comes back on
+resume.
 
 A checkpoint records what it was trained on (model config, a fingerprint of the data, the
 training config, the loss); resuming with anything else is refused. A model whose loss turns
@@ -185,16 +188,38 @@ class StepInfo:
 Hook = Callable[[StepInfo], None]
 
 
+@dataclass
+class _ForModels:
+    names: frozenset[str]
+    hook: Hook
+
+    def __call__(self, info: StepInfo) -> None:
+        results = [result for result in info.results if result.name in self.names]
+        if results:
+            self.hook(dataclasses.replace(info, results=results))
+
+    def hook_state(self, name: str) -> dict | None:
+        return _hook_state(self.hook, name) if name in self.names else None
+
+    def load_hook_state(self, name: str, state: dict) -> None:
+        if name in self.names:
+            _load_hook_state(self.hook, name, state)
+
+
 def for_models(names: Iterable[str], hook: Hook) -> Hook:
     """``hook`` restricted to the models named ``names`` (e.g. resampling for some SAEs only)."""
-    chosen = set(names)
+    return _ForModels(frozenset(names), hook)
 
-    def restricted(info: StepInfo) -> None:
-        results = [result for result in info.results if result.name in chosen]
-        if results:
-            hook(dataclasses.replace(info, results=results))
 
-    return restricted
+def _hook_state(hook: Hook, name: str) -> dict | None:
+    method = getattr(hook, "hook_state", None)
+    return method(name) if method is not None else None
+
+
+def _load_hook_state(hook: Hook, name: str, state: dict | None) -> None:
+    method = getattr(hook, "load_hook_state", None)
+    if method is not None and state is not None:
+        method(name, state)
 
 
 @dataclass
@@ -258,7 +283,9 @@ def train_saes(
     total = config.total_steps(source.n_rows)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     data_key = data_key or source.fingerprint()
-    runs = [_start_run(spec, config, device, total, folder, resume, data_key) for spec in specs]
+    runs = [
+        _start_run(spec, config, device, total, folder, resume, data_key, hooks) for spec in specs
+    ]
     first = min((run.step for run in runs if run.status == "training"), default=total)
     bar = tqdm(range(first, total), desc=f"train {len(runs)} model(s)", disable=not progress)
     for step in bar:
@@ -277,7 +304,7 @@ def train_saes(
         if folder is not None and _should_checkpoint(step + 1, total, config.checkpoint_every):
             for run in runs:
                 if run.status != "diverged":
-                    _save(run, folder, config)
+                    _save(run, folder, config, hooks)
         _show_progress(bar, runs, progress)
     return _results(runs, folder)
 
@@ -325,6 +352,7 @@ def _start_run(
     folder: Path | None,
     resume: bool,
     data_key: str,
+    hooks: Sequence[Hook] = (),
 ) -> _Run:
     spec.model.to(device)
     optimizer = make_optimizer(spec.model, config, device)
@@ -334,7 +362,7 @@ def _start_run(
     if folder is not None:
         recover_interrupted_save(folder, spec.name)
         if resume:
-            _resume(run, folder, device)
+            _resume(run, folder, device, hooks)
     return run
 
 
@@ -491,7 +519,7 @@ def _should_checkpoint(steps_done: int, total: int, every: int) -> bool:
     return steps_done == total or (every > 0 and steps_done % every == 0)
 
 
-def _save(run: _Run, folder: Path, config: TrainConfig) -> None:
+def _save(run: _Run, folder: Path, config: TrainConfig, hooks: Sequence[Hook] = ()) -> None:
     extra = run.spec.metadata | {
         "trained_steps": run.step,
         "train_status": run.status,
@@ -499,10 +527,11 @@ def _save(run: _Run, folder: Path, config: TrainConfig) -> None:
         "identity": run.identity,
         "labels": run.spec.labels,
     }
-    save_checkpoint(folder / run.spec.name, run.spec.model, extra, _trainer_state(run), run.history)
+    state = _trainer_state(run, hooks)
+    save_checkpoint(folder / run.spec.name, run.spec.model, extra, state, run.history)
 
 
-def _trainer_state(run: _Run) -> dict:
+def _trainer_state(run: _Run, hooks: Sequence[Hook] = ()) -> dict:
     loss_state = getattr(run.spec.loss, "state_dict", None)
     firing = run.tokens_since_fired
     return {
@@ -515,10 +544,11 @@ def _trainer_state(run: _Run) -> dict:
         "status": run.status,
         "message": run.message,
         "loss_state": loss_state() if loss_state is not None else None,
+        "hooks": [_hook_state(hook, run.spec.name) for hook in hooks],
     }
 
 
-def _resume(run: _Run, folder: Path, device: torch.device) -> None:
+def _resume(run: _Run, folder: Path, device: torch.device, hooks: Sequence[Hook] = ()) -> None:
     loaded = load_checkpoint(folder / run.spec.name, run.spec.model, run.identity, device)
     if loaded is None:
         return
@@ -531,6 +561,8 @@ def _resume(run: _Run, folder: Path, device: torch.device) -> None:
     run.first_loss, run.status, run.message = state["first_loss"], state["status"], state["message"]
     if state["loss_state"] is not None:
         run.spec.loss.load_state_dict(state["loss_state"])
+    for hook, hook_state in zip(hooks, state.get("hooks", []), strict=False):
+        _load_hook_state(hook, run.spec.name, hook_state)
 
 
 def _results(runs: list[_Run], folder: Path | None) -> list[TrainResult]:
