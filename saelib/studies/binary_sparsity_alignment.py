@@ -109,7 +109,7 @@ class BinarySparsityParams:
     auxk_alpha: float = 1 / 32  # the TopK SAE control
     lr: float = 1e-2
     batch_size: int = 128
-    epochs: float = 15.0
+    epochs: float = 25.0
     val_fraction: float = 0.2
     probe_max_iter: int = 100
     neighbours: int = 10  # k of the nearest-neighbour agreement
