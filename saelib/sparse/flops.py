@@ -74,7 +74,8 @@ class FlopCounter:
     a step costs what its masks were during it).
 
     ``tokens_per_step`` is batch_size * context (a short last batch of an epoch is counted
-    full). With ``rigl``, that updater's update steps add :func:`rigl_update_flops_per_token`.
+    full). With ``rigl``, that updater's update steps add :func:`rigl_update_flops_per_token`
+    to the models that keep dense gradients (``track_dense_grads``: RigL's models only).
     """
 
     tokens_per_step: int
@@ -88,9 +89,14 @@ class FlopCounter:
                 continue
             per_token = flops_per_token(result.model)
             sparse = per_token.sparse_training
-            if self.rigl is not None and self.rigl.is_update(info.step, info.total_steps):
+            if self._rigl_update(info, result.model):
                 sparse += rigl_update_flops_per_token(result.model)
             tokens = self.tokens_per_step
             self.sparse[result.name] = self.sparse.get(result.name, 0.0) + sparse * tokens
             extra = per_token.dense * tokens
             self.total[result.name] = self.total.get(result.name, 0.0) + (sparse * tokens + extra)
+
+    def _rigl_update(self, info: StepInfo, model: nn.Module) -> bool:
+        if self.rigl is None or not self.rigl.is_update(info.step, info.total_steps):
+            return False
+        return any(layer.keep_dense_grad for layer in masked_layers(model).values())
