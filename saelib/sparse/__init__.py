@@ -8,6 +8,7 @@ text.py (documents -> token rows) -> lm.py (TransformerLM) -> masks.py (MaskedLi
 ```
 """
 
+from saelib.sparse.distill import DistillationLoss, EMATeacherUpdate
 from saelib.sparse.flops import (
     FlopCounter,
     FlopsPerToken,
@@ -44,6 +45,8 @@ __all__ = [
     "LM_PRESETS",
     "SET",
     "ByteTokenizer",
+    "DistillationLoss",
+    "EMATeacherUpdate",
     "FlopCounter",
     "FlopsPerToken",
     "LMConfig",
