@@ -1,14 +1,19 @@
 """Sparse training of a small causal language model: the model, its text, masked Linears with
-ERK densities, mask updaters (static magnitude, SET, RigL), FLOPs counting only unmasked
-weights, and the next-token loss for the shared training loop.
+ERK densities, mask updaters (static magnitude, SET, RigL, and SparsAE's evolution strategy),
+self-distillation from an EMA teacher, FLOPs counting only unmasked weights, and the
+next-token loss for the shared training loop.
 
 ```
 text.py (documents -> token rows) -> lm.py (TransformerLM) -> masks.py (MaskedLinear, ERK)
-    -> train_saes(NextTokenLoss, hooks=[FlopCounter, updater]) -> perplexity
+    -> train_saes(NextTokenLoss or distill.py's DistillationLoss,
+                  hooks=[FlopCounter, updater, EMATeacherUpdate])
+       (updaters: updaters.py's static, SET and RigL; evolution.py's SparsAE)
+    -> perplexity; explore.py and plots.py show the results
 ```
 """
 
 from saelib.sparse.distill import DistillationLoss, EMATeacherUpdate
+from saelib.sparse.evolution import SparsAE
 from saelib.sparse.flops import (
     FlopCounter,
     FlopsPerToken,
@@ -54,6 +59,7 @@ __all__ = [
     "NextTokenLoss",
     "PretrainedTokenizer",
     "RigL",
+    "SparsAE",
     "StaticMagnitude",
     "TextConfig",
     "TextData",
