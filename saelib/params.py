@@ -213,9 +213,16 @@ def require_non_empty(params: Any, *names: str) -> None:
             raise ParamsError(f"{name} must not be empty")
 
 
-def require_fraction(params: Any, name: str) -> None:
-    if not 0 < getattr(params, name) < 1:
-        raise ParamsError(f"{name} must lie in (0, 1), got {getattr(params, name)}")
+def require_fraction(params: Any, *names: str) -> None:
+    for name in names:
+        if not 0 < getattr(params, name) < 1:
+            raise ParamsError(f"{name} must lie in (0, 1), got {getattr(params, name)}")
+
+
+def require_probability(params: Any, *names: str) -> None:
+    for name in names:
+        if not 0 <= getattr(params, name) <= 1:
+            raise ParamsError(f"{name} must lie in [0, 1], got {getattr(params, name)}")
 
 
 def require_layer_in_model(model: str, layer: int) -> None:
