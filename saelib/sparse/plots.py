@@ -1,4 +1,5 @@
-"""Figures of a sparse-training comparison, from the tables of :mod:`saelib.studies.sparsae`."""
+"""Figures of a sparse-training comparison, from per-model tables (columns method, variant,
+sparsity, perplexity, train_flops) and per-update logs (proxy, val_loss, stability)."""
 
 from __future__ import annotations
 

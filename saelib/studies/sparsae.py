@@ -85,12 +85,12 @@ class SparsAEParams:
     ablation_sparsity: float = 0.8
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # training, the same for every model: max_tokens / (batch_size * context) steps
-    max_tokens: int = 819_200  # 400 steps of 32 rows of 64 tokens
-    batch_size: int = 32
+    max_tokens: int = 819_200  # 800 steps of 16 rows of 64 tokens
+    batch_size: int = 16
     lr: float = 3e-3
-    warmup_steps: int = 20
-    update_every: int = 25  # SET and RigL mask updates (RigL's dT: 100 at the plan's scale)
-    sparsae_update_every: int = 25  # SparsAE's K_update (1000 at the plan's scale)
+    warmup_steps: int = 40
+    update_every: int = 50  # SET and RigL mask updates (RigL's dT: 100 at the plan's scale)
+    sparsae_update_every: int = 50  # SparsAE's K_update (1000 at the plan's scale)
     t_end: float = 0.75  # masks fixed after this fraction of training (RigL's T_end)
     static_prune_step: int = 0  # static magnitude pruning after this step
     set_zeta: float = 0.3
@@ -117,7 +117,7 @@ class SparsAEParams:
     distill_alpha_end: float = 0.1
     eval_rows: int = 2048  # validation rows for the final perplexity
     eval_batch_size: int = 64
-    checkpoint_every: int = 100
+    checkpoint_every: int = 200
     device: str = "auto"
 
     def check(self) -> None:
@@ -403,12 +403,24 @@ def evaluate_all(trained: Trained, data: TextData, params: SparsAEParams) -> pd.
                 "val_loss": loss,
                 "perplexity": math.exp(loss),
                 "train_seconds": result.seconds,
+                "late_ce_change": late_change(result.history),
                 **_costs(trained, result, cell, params),
                 **_structure(result.model),
                 "state_mib": state_bytes(result) / 2**20,
             }  # fmt: skip
         )
     return pd.DataFrame(records)
+
+
+def late_change(history: list[dict], fraction: float = 0.1) -> float:
+    """Mean training cross-entropy over the last ``fraction`` of the logged steps minus the
+    mean over the ``fraction`` before (negative: still falling)."""
+    values = [entry.get("ce", entry["total"]) for entry in history]
+    width = max(1, round(fraction * len(values)))
+    if len(values) < 2 * width:
+        return float("nan")
+    last, before = values[-width:], values[-2 * width : -width]
+    return sum(last) / width - sum(before) / width
 
 
 def _costs(trained: Trained, result: TrainResult, cell: Cell, params: SparsAEParams) -> dict:
@@ -476,6 +488,17 @@ def state_bytes(result: TrainResult) -> int:
     teacher = getattr(result.loss, "teacher", None)
     teacher_bytes = parameters if teacher is not None else 0
     return 4 * parameters + masks + teacher_bytes
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """The process's peak resident memory (all models of the run together, they train in one
+    process) and, on a GPU, the peak of torch's allocations there."""
+    import resource
+
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
+    if torch.cuda.is_available():
+        peak["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -596,34 +619,26 @@ def check_claims(
 
 
 def claim_converges(per_seed: pd.DataFrame, vocab_size: int) -> Claim:
-    """Every SparsAE seed finished, and its validation loss ended well below the uniform
-    predictor's log(vocab) and within the seed spread of, or below, static masks'."""
+    """Every SparsAE seed finished with a finite loss, its validation loss ended well below the
+    uniform predictor's log(vocab) (under 3/4 of it), and its training cross-entropy was not
+    rising at the end (``late_ce_change``, last tenth of training minus the tenth before, at
+    most +0.01 nats). How it compares with the other methods is criterion 3's question."""
     rows = per_seed[per_seed["variant"] == "sparsae"]
     finished = bool((rows["status"] == "complete").all()) and bool(rows["val_loss"].notna().all())
-    static = (
-        per_seed[per_seed["variant"] == "static"]
-        .groupby("sparsity")["val_loss"]
-        .agg(["mean", "std"])
-    )
-    mine = rows.groupby("sparsity")["val_loss"].agg(["mean", "std"])
     uniform = math.log(vocab_size)
-    learned = bool((mine["mean"] < 0.75 * uniform).all())
+    by_sparsity = rows.groupby("sparsity")[["val_loss", "late_ce_change"]]
+    mean, std = by_sparsity.mean(), by_sparsity.std()
+    learned = bool((mean["val_loss"] < 0.75 * uniform).all())
+    settled = bool((rows["late_ce_change"] <= 0.01).all())
     parts = [
-        f"s={s:g}: val loss {row['mean']:.3f} ± {row['std']:.3f}" for s, row in mine.iterrows()
+        f"s={sparsity:g}: val loss {mean.loc[sparsity, 'val_loss']:.3f} ± "
+        f"{std.loc[sparsity, 'val_loss']:.3f}, late change of training CE "
+        f"{mean.loc[sparsity, 'late_ce_change']:+.3f} ± {std.loc[sparsity, 'late_ce_change']:.3f}"
+        for sparsity in mean.index
     ]
-    holds = finished and learned
-    if not static.empty:
-        behind = [
-            sparsity for sparsity, row in mine.iterrows() if sparsity in static.index
-            and row["mean"] - static.loc[sparsity, "mean"]
-            > seed_spread(row["std"], static.loc[sparsity, "std"])
-        ]  # fmt: skip
-        holds = holds and not behind
-        parts.append(f"behind static masks beyond the spread at {behind}" if behind
-                     else "never behind static masks beyond the seed spread")  # fmt: skip
-    evidence = (f"{len(rows)} runs, all finished: {finished}; " + "; ".join(parts)
-                + f" (uniform predictor: {uniform:.3f} nats)")  # fmt: skip
-    return Claim("SparsAE converges", holds, evidence, 1)
+    evidence = (f"{len(rows)} runs, all finished with finite losses: {finished}; "
+                + "; ".join(parts) + f" (uniform predictor: {uniform:.3f} nats)")  # fmt: skip
+    return Claim("SparsAE converges", finished and learned and settled, evidence, 1)
 
 
 def claim_overhead(sparsae: pd.DataFrame, params: SparsAEParams) -> Claim:
@@ -677,6 +692,7 @@ def write_results(
         claims=check_claims(summary, per_seed, params, data.tokenizer.vocab_size),
         seconds=seconds,
         extra={"train_rows": len(data.train), "val_rows": len(data.val), "steps": params.steps,
+               "peak_memory_mib": peak_memory_mib(),
                "tokens_per_model": params.steps * params.batch_size * params.context,
                "proxy_correlation": correlations.to_dict("records")},
     )  # fmt: skip
