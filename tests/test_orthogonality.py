@@ -10,6 +10,7 @@ from saelib.saes.coactivation import count_pairs, ordered_pairs
 from saelib.training.losses import TrainState
 from saelib.training.orthogonality import (
     SCHEDULES,
+    DensePairEMA,
     OrthogonalityPenalty,
     OrthoSchedule,
     PairEMA,
@@ -128,6 +129,35 @@ def test_pair_ema_with_lazy_decay_matches_a_dense_ema():
         observed = torch.zeros(50).index_copy_(0, keys, ratio)
         dense = 0.9 * dense + 0.1 * observed  # absent pairs count as 0
         torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
+
+
+def test_dense_pair_ema_matches_a_dense_ema_and_skipped_steps_decay():
+    generator = torch.Generator().manual_seed(4)
+    ema, dense = DensePairEMA(decay=0.9, size=50, device=torch.device("cpu")), torch.zeros(50)
+    previous = -1
+    for step in (*range(10), 13, 14, 20):  # steps without an update still decay every pair
+        keys = torch.randperm(50, generator=generator)[:12]
+        ratio = torch.rand(12, generator=generator)
+        observed = torch.zeros(50).index_copy_(0, keys, ratio)
+        dense = 0.9 ** (step - previous - 1) * dense  # the skipped steps
+        dense = 0.9 * dense + 0.1 * observed
+        previous = step
+        torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
+    restored = DensePairEMA.from_state_dict(0.9, 0.0, ema.state_dict())
+    assert restored.last_step == 20 and torch.equal(restored.matrix, ema.matrix)
+
+
+@pytest.mark.parametrize("schedule", ["run4", "run7"])
+def test_dense_and_sparse_ema_storage_give_the_same_penalty(make_sae, schedule):
+    sae = make_sae(d_in=16, d_sae=32, k=4)
+    dense = OrthogonalityPenalty(SCHEDULES[schedule], ema_floor=0.0)
+    sparse = OrthogonalityPenalty(SCHEDULES[schedule], ema_floor=0.0, dense_ema_max_mib=0.0)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(100, 112):
+        output = sae(torch.randn(64, 16, generator=generator))
+        at = state(step=step, total=200, d_sae=32)
+        torch.testing.assert_close(dense(sae, output, at), sparse(sae, output, at))
+    assert isinstance(dense._ema, DensePairEMA) and isinstance(sparse._ema, PairEMA)
 
 
 def test_pairs_are_counted_once_from_the_active_slots_of_a_padded_code():

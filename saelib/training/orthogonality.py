@@ -10,8 +10,11 @@ c_ij > 0 contribute, so everything is computed on the co-active pairs of the bat
 B * m^2 of them for a code of m slots per row, m = k for TopK), never on d_sae x d_sae
 matrices; any SAE output works (fixed-k, variable-k, binary), cheaply while the code is sparse
 (m is the busiest row's count of active latents: a dense early ReLU code makes it large).
-The EMA of n_ij (runs 4-7) is kept as a sparse tensor of the pairs seen so far, pruned below
-``ema_floor``.
+The EMA of n_ij (runs 4-7) covers every pair ever seen, which in practice is a large share of
+all d_sae^2 pairs (half of them within a few dozen steps at d_sae 4096, k 40): it is kept as a
+dense d_sae x d_sae matrix (:class:`DensePairEMA`, exact, one multiply of the matrix per step)
+while that matrix fits in ``dense_ema_max_mib``, else as a sparse tensor of the pairs seen so
+far, pruned below ``ema_floor`` (:class:`PairEMA`).
 
 Notes on the original formulation, kept as options:
 - ``include_diagonal=True`` (the original) makes n_jj = 1, so every active latent also pays a
@@ -102,8 +105,9 @@ class OrthogonalityPenalty:
     include_diagonal: bool = False
     penalty: Literal["activation", "decoder"] = "activation"
     warmup_fraction: float = 0.1  # warmup factor = min(1, step / (warmup_fraction * steps))
-    ema_floor: float = 1e-4  # EMA entries below this are dropped (tau is floored at 1e-3)
-    _ema: PairEMA | None = field(default=None, repr=False)
+    ema_floor: float = 1e-4  # sparse EMA: entries below this are dropped (tau is floored at 1e-3)
+    dense_ema_max_mib: float = 512.0  # a larger d_sae x d_sae EMA is kept sparse
+    _ema: PairEMA | DensePairEMA | None = field(default=None, repr=False)
 
     def __call__(self, sae: SAE, output: SAEOutput, state: TrainState) -> Tensor:
         p = state.progress
@@ -126,9 +130,8 @@ class OrthogonalityPenalty:
     def load_state_dict(self, state: dict) -> None:
         self._ema = None
         if "ema" in state:
-            device = state["ema"]["keys"].device
-            self._ema = PairEMA(self.schedule.ema_decay, self.ema_floor, device)
-            self._ema.load_state_dict(state["ema"])
+            kind = DensePairEMA if "matrix" in state["ema"] else PairEMA
+            self._ema = kind.from_state_dict(self.schedule.ema_decay, self.ema_floor, state["ema"])
 
     def _smoothed(self, pairs: CoactivePairs, d_sae: int, step: int) -> Tensor:
         """n_ij at the batch's pairs, through the EMA when the schedule has one."""
@@ -136,8 +139,13 @@ class OrthogonalityPenalty:
         if decay is None or step < self.schedule.ema_start_step:
             return pairs.ratio
         if self._ema is None:
-            self._ema = PairEMA(decay, self.ema_floor, pairs.keys.device)
+            self._ema = self._new_ema(decay, d_sae, pairs.keys.device)
         return self._ema.update(pairs.keys, pairs.ratio, step)
+
+    def _new_ema(self, decay: float, d_sae: int, device: torch.device) -> PairEMA | DensePairEMA:
+        if d_sae * d_sae * 4 <= self.dense_ema_max_mib * 2**20:
+            return DensePairEMA(decay, d_sae * d_sae, device)
+        return PairEMA(decay, self.ema_floor, device)
 
     def _magnitudes(self, sae, output, pairs: CoactivePairs, chosen: Tensor) -> Tensor:
         first, second = pairs.first[chosen], pairs.second[chosen]
@@ -182,6 +190,41 @@ def coactive_pairs(output: SAEOutput, include_diagonal: bool) -> CoactivePairs:
     return CoactivePairs(first, second, keys, ratio, unordered, counts, output.acts.shape[0])
 
 
+class DensePairEMA:
+    """Exponential moving average of n_ij over all d_sae x d_sae pairs, as one dense vector
+    indexed by i * d_sae + j. A pair absent from a batch counts as n_ij = 0 there: the whole
+    matrix is multiplied by decay^(steps since the last update), then this step's pairs get
+    (1 - decay) n_ij added. Exact (nothing is pruned); float32, 4 d_sae^2 bytes."""
+
+    def __init__(self, decay: float, size: int, device: torch.device):
+        self.decay = decay
+        self.matrix = torch.zeros(size, device=device)
+        self.last_step: int | None = None
+
+    @classmethod
+    def from_state_dict(cls, decay: float, floor: float, state: dict) -> DensePairEMA:
+        ema = cls(decay, len(state["matrix"]), state["matrix"].device)
+        ema.load_state_dict(state)
+        return ema
+
+    def state_dict(self) -> dict[str, Tensor]:
+        last = -1 if self.last_step is None else self.last_step
+        return {"matrix": self.matrix, "last_step": torch.tensor(last)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.matrix = state["matrix"]
+        last = int(state["last_step"])
+        self.last_step = None if last < 0 else last
+
+    def update(self, keys: Tensor, ratio: Tensor, step: int) -> Tensor:
+        """Fold this step's n_ij (at ``keys``) in; return the averages at ``keys``."""
+        if self.last_step is not None and step > self.last_step:
+            self.matrix.mul_(self.decay ** (step - self.last_step))
+        self.last_step = step
+        self.matrix.index_add_(0, keys, (1 - self.decay) * ratio.to(self.matrix.dtype))
+        return self.matrix[keys]
+
+
 class PairEMA:
     """Exponential moving average of n_ij over the pairs seen so far, stored sparsely.
 
@@ -196,6 +239,12 @@ class PairEMA:
         self.keys = torch.empty(0, dtype=torch.long, device=device)
         self.values = torch.empty(0, device=device)
         self.stamps = torch.empty(0, dtype=torch.long, device=device)
+
+    @classmethod
+    def from_state_dict(cls, decay: float, floor: float, state: dict) -> PairEMA:
+        ema = cls(decay, floor, state["keys"].device)
+        ema.load_state_dict(state)
+        return ema
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"keys": self.keys, "values": self.values, "stamps": self.stamps}
