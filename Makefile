@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 KERNEL := saelib
 
-.PHONY: setup browser-deps demo test lab bench lint clean-venv
+.PHONY: setup browser-deps demo test lab bench bench-peers lint clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ lab: setup
 
 bench: setup
 	$(PY) benchmarks/topk_step.py
+
+# The peers' wheels without their dependency trees (datasets, wandb, umap; dictionary-learning
+# also pins nnsight<0.4, which saelib's nnsight 0.8 excludes): only what their SAE code imports.
+BENCH_PEERS := eai-sparsify==1.3.3 dictionary-learning==0.1.0 einops==0.8.2 natsort==8.4.0 \
+	simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1
+
+bench-peers: setup
+	$(PY) -m pip install --no-deps $(BENCH_PEERS)
+	$(PY) benchmarks/peers.py
 
 lint: setup
 	$(PY) -m ruff check saelib tests benchmarks
