@@ -149,3 +149,18 @@ def test_topk_loss_refuses_a_model_without_an_auxk_encoder(make_sae, toy_acts):
     output = sae(toy_acts[:8])
     with pytest.raises(ValueError, match="dead latents"):  # no dead-latent tracking
         TopKLoss()(sae, toy_acts[:8], output, TrainState(0, 10, dead=None))
+
+
+@pytest.mark.parametrize("k_aux", [4, 32])  # fewer and more than the 10 dead latents
+def test_auxk_dense_path_over_dead_latents_equals_the_sparse_path(make_sae, toy_acts, dead, k_aux):
+    x = toy_acts[:64]
+    results = []
+    for dense_factor in (0.0, 100.0):  # the sparse path, then the dense one
+        sae = make_sae(d_sae=D_SAE)
+        output = sae(x)
+        error_hat = sae.decode_aux(x, output.pre_acts, dead, k_aux, dense_factor=dense_factor)
+        error_hat.pow(2).sum().backward()
+        results.append((error_hat.detach(), sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad))
+    for sparse, dense in zip(*results, strict=True):
+        torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0

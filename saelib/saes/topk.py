@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
 from saelib.saes.sparse_ops import gather_preacts, sparse_decode
 
+# AuxK over the dead latents with dense products while they number at most this many times
+# k_aux (TopKSAE.decode_aux): on CPU (d_in 576, k_aux 288, batch 1024) it took a third of the
+# sparse path's time at 1.6 k_aux dead latents, 0.6 at 4 k_aux and 0.9 at 8 k_aux
+AUX_DENSE_FACTOR = 8.0
+
 
 @dataclass
 class TopKConfig(SAEConfig):
@@ -69,6 +74,36 @@ class TopKSAE(SAE):
         values, indices = masked.topk(min(k_aux, int(dead.sum())), dim=-1, sorted=False)
         centred = x - self.b_dec
         return torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices)), indices
+
+    def decode_aux(
+        self,
+        x: Tensor,
+        pre_acts: Tensor,
+        dead: Tensor,
+        k_aux: int,
+        dense_factor: float = AUX_DENSE_FACTOR,
+    ) -> Tensor:
+        """AuxK's estimate of the error, without the decoder bias: the top-``k_aux`` dead
+        latents of each row, decoded.
+
+        While the dead latents are few (at most ``dense_factor * k_aux``), two dense products
+        over the dead latents alone do it: their pre-activations (with gradient), zeroed outside
+        each row's top ``k_aux``, times their decoder rows. That is faster than gathering and
+        scattering k_aux of d_sae latents per row (:meth:`encode_aux`, used beyond it) and gives
+        the same values and gradients.
+        """
+        dead_ids = dead.nonzero().squeeze(1)
+        if len(dead_ids) > dense_factor * k_aux:
+            acts, indices = self.encode_aux(x, pre_acts, dead, k_aux)
+            return sparse_decode(acts, indices, self.W_dec)
+        centred = x - self.b_dec
+        acts = torch.relu(torch.addmm(self.b_enc[dead_ids], centred, self.W_enc[dead_ids].T))
+        if k_aux < len(dead_ids):
+            with torch.no_grad():
+                chosen = pre_acts[:, dead_ids].topk(k_aux, dim=-1, sorted=False).indices
+                keep = torch.zeros_like(acts, dtype=torch.bool).scatter_(1, chosen, True)
+            acts = acts * keep
+        return acts @ self.W_dec[dead_ids]
 
     def on_first_batch(self, batch: Tensor) -> None:
         """Before the first training step: place the decoder bias."""

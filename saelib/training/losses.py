@@ -132,8 +132,12 @@ def auxk_loss(
     if n_dead == 0 or output.pre_acts is None:
         return x.new_zeros((), dtype=x.float().dtype)
     error = (x - output.recon).detach().float()
-    acts, indices = sae.encode_aux(x, output.pre_acts, dead, k_aux)
-    error_hat = sae.decode(acts, indices) - sae.b_dec
+    decode_aux = getattr(sae, "decode_aux", None)  # a faster path, where the model has one
+    if decode_aux is not None:
+        error_hat = decode_aux(x, output.pre_acts, dead, k_aux)
+    else:
+        acts, indices = sae.encode_aux(x, output.pre_acts, dead, k_aux)
+        error_hat = sae.decode(acts, indices) - sae.b_dec
     squared = (error_hat.float() - error).pow(2)
     if form == "per_dim_variance":
         scale = min(n_dead / k_aux, 1.0)
