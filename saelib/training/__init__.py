@@ -1,5 +1,6 @@
 """Training: one loop for every model, its losses and penalties, checkpoints and resume."""
 
+from saelib.training import distributed
 from saelib.training.bsa import BSALoss, anneal_progress
 from saelib.training.checkpoints import CheckpointMismatchError
 from saelib.training.l1 import L1Loss
@@ -39,6 +40,7 @@ __all__ = [
     "TrainSpec",
     "TrainState",
     "anneal_progress",
+    "distributed",
     "for_models",
     "make_optimizer",
     "pick_device",

@@ -26,6 +26,9 @@ training config, the loss); resuming with anything else is refused. A model whos
 NaN/Inf, or blows up past ``divergence_factor`` times its first loss ("recon" term when the loss
 has one, else "total"), stops alone before the bad update, marked "diverged" with its last good
 weights; the others train on.
+
+Under torchrun, ``TrainConfig.parallel`` spreads the work over processes: "data" splits each
+batch, "sae" deals out the models (see :mod:`saelib.training.distributed`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelib.activations.source import ActivationSource, as_source, tensor_fingerprint
+from saelib.training import distributed
 from saelib.training.checkpoints import (
     CheckpointMismatchError,
     checkpoint_identity,
@@ -88,10 +92,14 @@ class TrainConfig:
     divergence_factor: float | None = 100.0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     log_every: int = 50
+    # under torchrun: "data" splits each batch over the processes, "sae" deals out the models
+    # (saelib.training.distributed); without a process group of 2 or more, as "none"
+    parallel: distributed.Parallel = "none"
 
     def identity(self) -> dict[str, Any]:
-        """The fields that change the trained weights (not device, logging or checkpointing)."""
-        ignored = {"device", "log_every", "checkpoint_every"}
+        """The fields that change the trained weights (not device, logging, checkpointing or
+        parallelism: a data-parallel run trains the weights of a one-process run)."""
+        ignored = {"device", "log_every", "checkpoint_every", "parallel"}
         return {key: value for key, value in asdict(self).items() if key not in ignored}
 
     def total_steps(self, n_vectors: int) -> int:
@@ -238,6 +246,7 @@ class _Run:
     last_good: list[Tensor] | None = None  # parameters before the latest update
     status: Status = "training"
     message: str = ""
+    data_parallel: bool = False  # this process trains on its slice of each batch
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -276,6 +285,10 @@ def train_saes(
     in checkpoints; by default the source's fingerprint. ``hooks`` are called after every step
     with a :class:`StepInfo`, before that step's checkpoint (a resume replays what they missed).
     Each batch is moved to the device as it is used.
+
+    Under torchrun with ``config.parallel="data"``, every process returns the same results;
+    with "sae", a process returns its own specs' results, except process 0 with a
+    ``checkpoint_dir``: every spec's, in order (see :mod:`saelib.training.distributed`).
     """
     source = as_source(data)
     _check_specs(specs, source)
@@ -283,10 +296,15 @@ def train_saes(
     total = config.total_steps(source.n_rows)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     data_key = data_key or source.fingerprint()
+    parallel = distributed.mode(config.parallel)
+    if parallel == "data":
+        distributed.check_batch_split(config.batch_size, source.n_rows, total)
+    mine = distributed.owned(specs) if parallel == "sae" else specs
     runs = [
-        _start_run(spec, config, device, total, folder, resume, data_key, hooks) for spec in specs
+        _start_run(spec, config, device, total, folder, resume, data_key, hooks) for spec in mine
     ]
     first = min((run.step for run in runs if run.status == "training"), default=total)
+    progress = progress and (parallel == "none" or distributed.is_main())
     bar = tqdm(range(first, total), desc=f"train {len(runs)} model(s)", disable=not progress)
     for step in bar:
         due = [run for run in runs if run.status == "training" and run.step == step]
@@ -306,7 +324,32 @@ def train_saes(
                 if run.status != "diverged":
                     _save(run, folder, config, hooks)
         _show_progress(bar, runs, progress)
+    if parallel == "sae" and folder is not None:
+        distributed.barrier()  # every process's final checkpoints are written
+        if distributed.is_main():
+            trained = {run.spec.name: run for run in runs}
+            runs = [
+                trained.get(spec.name)
+                or _load_finished(spec, config, device, total, folder, data_key, hooks)
+                for spec in specs
+            ]
     return _results(runs, folder)
+
+
+def _load_finished(
+    spec: TrainSpec,
+    config: TrainConfig,
+    device: torch.device,
+    total: int,
+    folder: Path,
+    data_key: str,
+    hooks: Sequence[Hook],
+) -> _Run:
+    """The run another process trained, from its final checkpoint (SAE-parallel mode)."""
+    run = _start_run(spec, config, device, total, folder, True, data_key, hooks)
+    if run.status == "training":
+        raise RuntimeError(f"no final checkpoint of {spec.name!r} in {folder / spec.name}")
+    return run
 
 
 def _show_progress(bar, runs: list[_Run], progress: bool) -> None:
@@ -355,12 +398,18 @@ def _start_run(
     hooks: Sequence[Hook] = (),
 ) -> _Run:
     spec.model.to(device)
+    data_parallel = distributed.mode(config.parallel) == "data"
+    if data_parallel:  # the same seeds give the same weights; process 0's, to be sure
+        distributed.broadcast_module(spec.model)
     optimizer = make_optimizer(spec.model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
     identity = checkpoint_identity(spec.model, spec.loss, config.identity(), data_key)
-    run = _Run(spec, optimizer, scheduler, identity)
+    run = _Run(spec, optimizer, scheduler, identity, data_parallel=data_parallel)
     if folder is not None:
-        recover_interrupted_save(folder, spec.name)
+        if not data_parallel or distributed.is_main():
+            recover_interrupted_save(folder, spec.name)
+        if data_parallel:
+            distributed.barrier()
         if resume:
             _resume(run, folder, device, hooks)
     return run
@@ -395,18 +444,26 @@ def _train_step(
     started = time.perf_counter()
     model, spec = run.spec.model, run.spec
     if step == 0:
-        _call(model, "on_first_batch", batch)
+        _call(model, "on_first_batch", batch)  # the whole batch, in data-parallel mode too
+    rows, share = distributed.shard(batch) if run.data_parallel else (batch, 1.0)
     use_autocast = config.bf16_autocast and device.type == "cuda"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-        output = model(_model_input(spec.loss, batch))
+        output = model(_model_input(spec.loss, rows))
         fired = _fired(output)
         state = TrainState(step, total, _dead(run, fired, config.dead_after_tokens))
-        terms = spec.loss(model, batch, output, state)
+        with distributed.sharded_loss(run.data_parallel):
+            terms = spec.loss(model, rows, output, state)
     run.optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
+    if run.data_parallel:  # from here on, every process sees the global batch's values
+        distributed.sum_gradients(model, share)
+        terms = distributed.sum_terms(terms, share)
+        fired = distributed.any_fired(fired)
     _call(model, "before_optimizer_step")
     grad_norm = _grad_norm(model, config.grad_clip_norm)
     problem = _divergence(run, terms, grad_norm, config.divergence_factor)
+    if run.data_parallel and distributed.any_process(bool(problem), device) and not problem:
+        problem = "diverged on another process"
     if problem:
         _stop_diverged(run, step, problem)
         return
@@ -520,6 +577,14 @@ def _should_checkpoint(steps_done: int, total: int, every: int) -> bool:
 
 
 def _save(run: _Run, folder: Path, config: TrainConfig, hooks: Sequence[Hook] = ()) -> None:
+    """Checkpoint the run (in data-parallel mode: process 0 writes, the others wait)."""
+    if run.data_parallel:
+        distributed.on_main(lambda: _write(run, folder, config, hooks))
+    else:
+        _write(run, folder, config, hooks)
+
+
+def _write(run: _Run, folder: Path, config: TrainConfig, hooks: Sequence[Hook] = ()) -> None:
     extra = run.spec.metadata | {
         "trained_steps": run.step,
         "train_status": run.status,

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from saelib.saes import SAEOutput
+from saelib.training.distributed import batch_sum
 
 ReconstructionLoss = Literal["l2", "mse", "fvu"]
 AuxKForm = Literal["per_dim_variance", "error_variance"]
@@ -87,8 +88,9 @@ def reconstruction_loss(x: Tensor, recon: Tensor, kind: ReconstructionLoss = "l2
         return squared.sum(dim=-1).mean()
     if kind == "mse":
         return squared.mean()
-    if kind == "fvu":
-        return squared.sum() / total_variance(x).sum().clamp_min(1e-12)
+    if kind == "fvu":  # rows' mean times the batch's row count: exact when a batch is split
+        rows = batch_sum(x.new_tensor(float(len(x))))
+        return squared.sum(dim=-1).mean() * rows / total_variance(x).sum().clamp_min(1e-12)
     raise ValueError(f"reconstruction loss must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
 
 
@@ -98,9 +100,15 @@ def reconstruction_mse(x: Tensor, recon: Tensor) -> Tensor:
 
 
 def total_variance(x: Tensor) -> Tensor:
-    """(d,) per-dimension sum over the batch of (x_j - mean_j)^2, in float32, without gradient."""
-    x = x.detach().float()
-    return (x - x.mean(dim=0)).pow(2).sum(dim=0)
+    """(d,) per-dimension sum over the batch of (x_j - mean_j)^2, in float32, without gradient
+    (over the whole batch when data-parallel processes each hold a slice of it)."""
+    return batch_sum(_centred(x.detach().float()).pow(2).sum(dim=0))
+
+
+def _centred(x: Tensor) -> Tensor:
+    """``x`` minus the batch's mean row (the whole batch's, when it is split over processes)."""
+    rows = batch_sum(x.new_tensor(float(len(x))))
+    return x - batch_sum(x.sum(dim=0)) / rows
 
 
 def auxk_loss(
@@ -143,7 +151,8 @@ def auxk_loss(
         scale = min(n_dead / k_aux, 1.0)
         return scale * (squared / total_variance(x).clamp_min(1e-12)).mean()
     if form == "error_variance":
-        denominator = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        spread = batch_sum(_centred(error).pow(2).sum())
+        denominator = (spread / batch_sum(error.new_tensor(float(len(error))))).clamp_min(1e-12)
         return squared.sum(dim=-1).mean() / denominator
     raise ValueError(f"AuxK form must be one of {AUXK_FORMS}, got {form!r}")
 

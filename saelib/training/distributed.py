@@ -1,0 +1,282 @@
+"""Multi-process training with PyTorch's own engine (``torch.distributed``, launched by torchrun).
+
+``train_saes`` reads ``TrainConfig.parallel`` when a process group with more than one process is
+initialised (otherwise every mode trains as ``"none"``, in one process):
+
+- ``"data"``: every process holds the same models and reads the same global batch; each trains
+  on its own contiguous slice of the rows and the gradients are summed over the processes
+  (weighted by rows, so the update is the global batch's) before ``before_optimizer_step``,
+  clipping and the optimizer step. The latents fired anywhere count as fired, the dead-latent
+  counter advances by the global batch, the logged loss terms are the global batch's, and a
+  divergence stops the model on every process. Process 0 alone writes checkpoints; all resume
+  from them. ``batch_size`` must be a multiple of the world size.
+- ``"sae"``: the specs are dealt out round-robin (spec ``i`` trains on process
+  ``i % world_size``); each process trains its share on the same batches, with no traffic, and
+  writes its own models' checkpoints. ``train_saes`` returns the results of a process's own
+  specs; with a ``checkpoint_dir``, process 0 returns every spec's result, in spec order,
+  loaded from the others' final checkpoints.
+
+A data-parallel run trains to the weights of a one-process run with the same global batch
+(up to float rounding) when its loss is a mean over rows, given statistics of the whole batch:
+``TopKLoss`` completes its batch statistics (AuxK's per-dimension variance, the ``"fvu"``
+denominator) over every process's slice with :func:`batch_sum`, so its every form is exact. A
+loss that keeps state from the batch sees only its process's slice: a firing tracker
+(``OrderingLoss``) counts the slice, so a hook that re-sorts latents by it
+(``ResortByFrequency``) would permute the models differently on each process: train those in
+SAE mode. Hooks run on every process (data mode: on identical models; SAE mode: on the
+process's own models) and must act the same on each.
+
+Launch a script that calls ``train_saes`` under torchrun, unchanged::
+
+    torchrun --nproc_per_node 2 -m saelib.training.distributed --parallel data train.py ARGS
+
+(``-m package.module`` in place of the script path runs a module). The launcher initialises the
+process group (:func:`init_from_env`) and makes ``--parallel`` the mode of every ``train_saes``
+call whose config leaves ``parallel`` at ``"none"``. A script of one's own may instead call
+:func:`init_from_env` and set ``TrainConfig(parallel=...)``, then run as
+``torchrun --nproc_per_node 2 train.py``.
+
+Every helper here is a no-op (or the one-process answer) when no multi-process group is set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import runpy
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch import distributed as dist
+
+__all__ = [
+    "Parallel",
+    "barrier",
+    "batch_sum",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "main",
+    "mode",
+    "rank",
+    "world_size",
+]
+
+Parallel = Literal["none", "data", "sae"]
+PARALLEL_MODES: tuple[str, ...] = Parallel.__args__
+T = TypeVar("T")
+
+_launch_mode: Parallel = "none"  # set by the launcher for configs that leave `parallel` at "none"
+_in_sharded_loss: ContextVar[bool] = ContextVar("saelib_in_sharded_loss", default=False)
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); backend "nccl" when CUDA is available, else "gloo". With CUDA,
+    each process takes the GPU of its LOCAL_RANK. Outside torchrun (no WORLD_SIZE) it does
+    nothing, so one script runs both ways. Returns whether a process group is initialised."""
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return True
+
+
+def is_distributed() -> bool:
+    """Whether a process group of more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Process 0 (the only process when not distributed)."""
+    return rank() == 0
+
+
+def mode(requested: Parallel) -> Parallel:
+    """The mode ``train_saes`` trains in: ``requested`` (the launcher's ``--parallel`` when
+    that is "none"), and "none" whenever there is no multi-process group."""
+    if requested not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {requested!r}")
+    chosen = requested if requested != "none" else _launch_mode
+    return chosen if is_distributed() else "none"
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def on_main(write: Callable[[], None]) -> None:
+    """Run ``write`` on process 0 alone; the others wait until it is done."""
+    try:
+        if is_main():
+            write()
+    finally:
+        barrier()
+
+
+def owned(items: Sequence[T]) -> list[T]:
+    """This process's share of ``items`` in SAE-parallel mode: item i goes to process i % W."""
+    return list(items[rank() :: world_size()])
+
+
+def check_batch_split(batch_size: int, n_rows: int, total_steps: int) -> None:
+    """Refuse, in one line, a batch that cannot be split over the processes."""
+    size = world_size()
+    if batch_size % size != 0:
+        raise ValueError(
+            f"parallel='data' splits each batch over {size} processes: batch_size={batch_size} "
+            f"must be a multiple of {size}"
+        )
+    last = n_rows % batch_size  # an epoch's last, short batch
+    if 0 < last < size and total_steps >= -(-n_rows // batch_size):
+        raise ValueError(
+            f"parallel='data': each epoch ends with a batch of {last} row(s), fewer than the "
+            f"{size} processes; choose a batch_size that leaves 0 or at least {size} rows of the "
+            f"{n_rows} over"
+        )
+
+
+def shard(batch: Tensor) -> tuple[Tensor, float]:
+    """This process's contiguous slice of the global batch (rows [r*n/W, (r+1)*n/W)), and its
+    share of the rows (the weight of its gradients and loss terms)."""
+    size, index, n = world_size(), rank(), len(batch)
+    rows = batch[index * n // size : (index + 1) * n // size]
+    return rows, len(rows) / n
+
+
+@contextlib.contextmanager
+def sharded_loss(active: bool) -> Iterator[None]:
+    """While a data-parallel process computes its loss on its slice: :func:`batch_sum` reduces."""
+    token = _in_sharded_loss.set(active and is_distributed())
+    try:
+        yield
+    finally:
+        _in_sharded_loss.reset(token)
+
+
+def batch_sum(tensor: Tensor) -> Tensor:
+    """A sum over the rows of the batch, completed over every process's slice when called from
+    a data-parallel loss (``tensor`` as it is otherwise). For statistics a loss normalises by
+    (a variance, a row count): no gradient flows through the result."""
+    if not _in_sharded_loss.get():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy process 0's parameters and buffers to every process."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def sum_gradients(module: nn.Module, weight: float) -> None:
+    """Each gradient becomes the sum over processes of ``weight`` times the local one: the
+    global batch's gradient when each local loss is a mean over ``weight`` of the rows. A
+    parameter with a gradient on some process only gets zeros elsewhere."""
+    if not is_distributed():
+        return
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    if not parameters:
+        return
+    device = parameters[0].device
+    flags = [parameter.grad is not None for parameter in parameters]
+    has_grad = torch.tensor(flags, dtype=torch.uint8, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    pending = []
+    for parameter, anywhere in zip(parameters, has_grad.tolist(), strict=True):
+        if not anywhere:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        parameter.grad.mul_(weight)
+        pending.append(dist.all_reduce(parameter.grad, async_op=True))
+    for work in pending:
+        work.wait()
+
+
+def sum_terms(terms: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    """Loss terms (scalars) as the weighted sum over processes: the global batch's values.
+    Detached: for logging and the divergence check, after the backward pass."""
+    if not is_distributed():
+        return terms
+    names = list(terms)
+    values = torch.stack([terms[name].detach().float().reshape(()) for name in names]) * weight
+    dist.all_reduce(values)
+    return dict(zip(names, values.unbind(), strict=True))
+
+
+def any_fired(fired: Tensor | None) -> Tensor | None:
+    """(n_latents,) bool: the latents that fired on any process's slice."""
+    if fired is None or not is_distributed():
+        return fired
+    anywhere = fired.to(torch.uint8)
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    return anywhere.bool()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on some process (every process gets the same answer)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.uint8, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m saelib.training.distributed [--parallel MODE] (SCRIPT | -m MODULE) ARGS``,
+    under torchrun: initialise the process group, then run the script as ``__main__``."""
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node N -m saelib.training.distributed",
+        description="Run a training script on every process, train_saes in parallel.",
+    )
+    parser.add_argument("--parallel", choices=("data", "sae"), default="data")
+    parser.add_argument("-m", dest="module", help="run this module instead of a script")
+    parser.add_argument("target", nargs=argparse.REMAINDER, help="SCRIPT ARGS (or ARGS with -m)")
+    args = parser.parse_args(argv)
+    if args.module is None and not args.target:
+        parser.error("give a script to run, or -m MODULE")
+    global _launch_mode
+    _launch_mode = args.parallel
+    init_from_env()
+    try:
+        if args.module is not None:
+            sys.argv = [args.module, *args.target]
+            runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args.target)
+            runpy.run_path(args.target[0], run_name="__main__")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # run as `-m`, this file is __main__: set the mode in the module that train_saes reads
+    from saelib.training.distributed import main as _main
+
+    _main()

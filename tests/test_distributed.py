@@ -1,0 +1,277 @@
+"""Training over 2 CPU processes (gloo): data parallel gives the weights of one process with the
+global batch, and resumes; SAE parallel gives each SAE's weights trained alone, each checkpoint
+written once, through the torchrun launcher; a batch that does not split is refused; without a
+process group, parallel="data" trains as "none"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import distributed as dist
+from torch import multiprocessing
+
+from saelib.saes import TopKConfig, TopKSAE
+from saelib.training import SAESpec, StepInfo, TopKLoss, TrainConfig, distributed, train_saes
+from saelib.training import loop as training_loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
+
+WORLD = 2
+
+
+def toy_acts() -> torch.Tensor:
+    """conftest's ``toy_acts``: (1024, 16) activations with a non-zero mean."""
+    return torch.randn(1024, 16, generator=torch.Generator().manual_seed(123)) + 0.5
+
+
+def topk_sae(d_sae: int = 64, k: int = 4, seed: int = 0) -> TopKSAE:
+    return TopKSAE(
+        TopKConfig(d_in=16, d_sae=d_sae, k=k), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def small_config(**changes) -> TrainConfig:
+    """Batches of 64 of the 1024 rows: 16 steps per epoch; a latent is dead after 4 silent."""
+    fields = {
+        "lr": 1e-2, "batch_size": 64, "epochs": 2, "device": "cpu", "dead_after_tokens": 256,
+        "log_every": 1, "warmup_steps": 3, "lr_schedule": "linear",
+    }  # fmt: skip
+    return TrainConfig(**(fields | changes))
+
+
+@dataclass
+class NaNOnProcess1(TopKLoss):
+    """TopKLoss whose total turns NaN at step 6 on process 1 alone."""
+
+    def __call__(self, sae, x, output, state):
+        terms = super().__call__(sae, x, output, state)
+        if state.step == 6 and distributed.rank() == 1:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+
+# the other reconstruction and AuxK forms whose batch statistics span the processes
+FVU_ERROR_VARIANCE = TopKLoss(reconstruction="fvu", auxk_form="error_variance")
+
+
+def data_parallel_specs() -> list[SAESpec]:
+    return [  # wide with k=2: latents go dead, so AuxK and the dead-latent counter take part
+        SAESpec("auxk", topk_sae(d_sae=128, k=2, seed=0)),  # the stock loss: l2 + AuxK
+        SAESpec("fvu", topk_sae(d_sae=128, k=2, seed=1), FVU_ERROR_VARIANCE),
+    ]
+
+
+def sae_parallel_specs() -> list[SAESpec]:
+    return [
+        SAESpec("a", topk_sae(d_sae=128, k=2, seed=0)),  # the stock loss: AuxK on
+        SAESpec("b", topk_sae(seed=1), TopKLoss(auxk_alpha=0.0)),
+        SAESpec("c", topk_sae(d_sae=32, k=2, seed=2), TopKLoss(reconstruction="fvu")),
+    ]
+
+
+def train(specs, config, checkpoint_dir=None, **kwargs):
+    return train_saes(specs, toy_acts(), config, checkpoint_dir, progress=False, **kwargs)
+
+
+def summary(results) -> dict:
+    return {
+        result.name: {
+            "state": {name: value.clone() for name, value in result.model.state_dict().items()},
+            "history": result.history,
+            "steps": result.steps,
+            "status": result.status,
+        }
+        for result in results
+    }
+
+
+class Interrupt(Exception):
+    pass
+
+
+def crash_at_step_12(info: StepInfo) -> None:
+    if info.step == 12:
+        raise Interrupt
+
+
+def record_saves(saves: list[str]) -> None:
+    """Note the name of every checkpoint this process writes."""
+    save = training_loop.save_checkpoint
+
+    def recording(target, *args, **kwargs):
+        saves.append(Path(target).name)
+        save(target, *args, **kwargs)
+
+    training_loop.save_checkpoint = recording
+
+
+# --- the processes ------------------------------------------------------------------------------
+
+
+def start_worker(rank: int, job, address: str, port: int, tmp: str) -> None:
+    """A torchrun process: its environment, one thread, then ``job(rank, tmp)``."""
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": WORLD, "MASTER_PORT": port}
+    os.environ.update({key: str(value) for key, value in env.items()} | {"MASTER_ADDR": address})
+    torch.set_num_threads(1)
+    job(rank, Path(tmp))
+
+
+def spawn(job, tmp_path: Path) -> list[dict]:
+    """Run ``job`` in WORLD processes; return what each saved to ``tmp_path/rank<r>.pt``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = (job, "127.0.0.1", port, str(tmp_path))
+    multiprocessing.spawn(start_worker, args=args, nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def data_parallel_job(rank: int, tmp: Path) -> None:
+    assert distributed.init_from_env()
+    saves: list[str] = []
+    record_saves(saves)
+    config = small_config(parallel="data", checkpoint_every=5)
+    full = summary(train(data_parallel_specs(), config, tmp / "full"))
+    saves_full = list(saves)
+    with pytest.raises(Interrupt):
+        train(data_parallel_specs(), config, tmp / "resumed", hooks=[crash_at_step_12])
+    resumed = summary(train(data_parallel_specs(), config, tmp / "resumed"))
+    saves.clear()
+    specs = [SAESpec("nan", topk_sae(), NaNOnProcess1()), *data_parallel_specs()[1:]]
+    with pytest.warns(UserWarning, match="diverged at step 6"):
+        diverged = summary(train(specs, config, tmp / "diverged"))
+    saves_diverged = list(saves)
+    try:
+        train(data_parallel_specs(), small_config(parallel="data", batch_size=63))
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
+    outcome = {
+        "full": full,
+        "resumed": resumed,
+        "saves": saves_full,
+        "diverged": diverged,
+        "saves_diverged": saves_diverged,
+        "refusal": refusal,
+    }
+    dist.destroy_process_group()
+    torch.save(outcome, tmp / f"rank{rank}.pt")
+
+
+def sae_parallel_job(rank: int, tmp: Path) -> None:
+    """Through the launcher, as torchrun would start it: a script that leaves parallel at
+    "none" trains SAE-parallel."""
+    saves: list[str] = []
+    record_saves(saves)
+    script = tmp / f"train_rank{rank}.py"
+    script.write_text(
+        "import sys\n"
+        "from test_distributed import train_grid\n"
+        "train_grid(int(sys.argv[1]), sys.argv[2])\n"
+    )
+    distributed.main(["--parallel", "sae", str(script), str(rank), str(tmp)])
+    assert not dist.is_initialized()  # the launcher closed the process group
+    result = torch.load(tmp / f"grid{rank}.pt", weights_only=False)
+    torch.save(result | {"saves": saves}, tmp / f"rank{rank}.pt")
+
+
+def train_grid(rank: int, tmp: str) -> None:
+    assert distributed.mode("none") == "sae" and distributed.rank() == rank
+    results = train(sae_parallel_specs(), small_config(), Path(tmp) / "grid")
+    torch.save({"results": summary(results)}, Path(tmp) / f"grid{rank}.pt")
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def assert_close_states(a: dict, b: dict) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_data_parallel_trains_the_weights_of_one_process_and_resumes(tmp_path):
+    ranks = spawn(data_parallel_job, tmp_path)
+    alone = summary(train(data_parallel_specs(), small_config()))
+
+    for name, reference in alone.items():
+        [zero, one] = [outcome["full"][name] for outcome in ranks]
+        for key in zero["state"]:  # every process made the identical updates
+            assert torch.equal(zero["state"][key], one["state"][key]), f"{name}.{key}"
+        difference = max_difference(zero["state"], reference["state"])
+        print(f"{name}: max |data parallel - one process| = {difference:.3g}")
+        assert_close_states(zero["state"], reference["state"])
+        assert zero["steps"] == reference["steps"] == 32
+        assert len(zero["history"]) == len(reference["history"]) == 32
+        for entry, expected in zip(zero["history"], reference["history"], strict=True):
+            assert entry.keys() == expected.keys()
+            for key in entry:  # rank 0 logs the global batch's terms
+                assert entry[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+        resumed = ranks[0]["resumed"][name]
+        for key in zero["state"]:
+            assert torch.equal(resumed["state"][key], zero["state"][key]), f"{name}.{key}"
+        assert resumed["history"] == zero["history"]
+
+    for name in alone:  # latents went dead: AuxK (both forms) took part
+        dead = [entry["dead_fraction"] for entry in alone[name]["history"]]
+        assert max(dead) > 0 and any(entry["auxk"] > 0 for entry in alone[name]["history"])
+    assert ranks[1]["saves"] == []  # process 0 alone writes checkpoints
+    assert ranks[0]["saves"] == ["auxk", "fvu"] * 7  # every 5 steps, and at the end
+    for name in alone:
+        config = json.loads((tmp_path / "full" / name / "config.json").read_text())
+        assert config["trained_steps"] == 32 and config["train_config"]["parallel"] == "data"
+
+    # a NaN on one process stops the model on both, at the same weights; the other trains on
+    [zero, one] = [outcome["diverged"] for outcome in ranks]
+    assert zero["nan"]["status"] == one["nan"]["status"] == "diverged"
+    assert zero["nan"]["steps"] == one["nan"]["steps"] == 5  # the weights whose loss passed
+    for key in zero["nan"]["state"]:
+        assert torch.equal(zero["nan"]["state"][key], one["nan"]["state"][key]), key
+    assert zero["fvu"]["status"] == "complete"
+    assert_close_states(zero["fvu"]["state"], alone["fvu"]["state"])
+    assert ranks[1]["saves_diverged"] == []
+    assert ranks[0]["saves_diverged"] == ["nan", "fvu", "nan", *["fvu"] * 6]
+
+    for outcome in ranks:
+        assert "batch_size=63" in outcome["refusal"] and "\n" not in outcome["refusal"]
+
+
+def test_sae_parallel_trains_each_sae_as_alone_and_writes_each_checkpoint_once(tmp_path):
+    ranks = spawn(sae_parallel_job, tmp_path)
+
+    # spec i on process i % 2; process 0 also returns the others', from their checkpoints
+    assert list(ranks[0]["results"]) == ["a", "b", "c"]
+    assert list(ranks[1]["results"]) == ["b"]
+    assert ranks[0]["saves"] == ["a", "c"] and ranks[1]["saves"] == ["b"]
+    for spec in sae_parallel_specs():
+        [alone] = summary(train([spec], small_config())).values()
+        for outcome in ranks:
+            result = outcome["results"].get(spec.name)
+            if result is None:
+                continue
+            for key, value in alone["state"].items():  # bit-identical
+                assert torch.equal(result["state"][key], value), f"{spec.name}.{key}"
+            assert result["history"] == alone["history"]
+            assert result["steps"] == 32 and result["status"] == "complete"
+
+
+def test_parallel_data_without_a_process_group_trains_as_none():
+    assert not distributed.is_distributed() and distributed.mode("data") == "none"
+    assert small_config(parallel="data").identity() == small_config().identity()
+    data = summary(train(data_parallel_specs(), small_config(parallel="data", batch_size=63)))
+    plain = summary(train(data_parallel_specs(), small_config(batch_size=63)))
+    assert data.keys() == plain.keys() == {"auxk", "fvu"}
+    for name in data:
+        for key, value in plain[name]["state"].items():
+            assert torch.equal(data[name]["state"][key], value), f"{name}.{key}"
+        assert data[name]["history"] == plain[name]["history"]
