@@ -88,11 +88,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from topk_step import SHAPES, Shape, autocast, sync  # the shapes and helpers of that benchmark
 from torch import Tensor
 
 from saelib.saes.topk import TopKConfig, TopKSAE
@@ -113,21 +113,6 @@ GOALS = (  # (numerator, denominator, goal, higher is better)
 )
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    d_in: int
-    d_sae: int
-    k: int
-    batch: int
-
-
-SHAPES = {
-    "cpu": Shape("cpu", d_in=576, d_sae=4608, k=32, batch=1024),
-    "cuda": Shape("cuda", d_in=2304, d_sae=16384, k=40, batch=2048),
-}
-
-
 @dataclass
 class Contestant:
     name: str
@@ -143,17 +128,6 @@ class Reference:
     sae: TopKSAE
     x: Tensor
     dead: Tensor  # (d_sae,) bool
-
-
-def autocast(device: torch.device) -> AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_reference(shape: Shape, device: torch.device) -> Reference:
