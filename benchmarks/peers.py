@@ -92,7 +92,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-from topk_step import SHAPES, Shape, autocast, sync  # the shapes and helpers of that benchmark
+from topk_step import SHAPES, Shape, autocast, device_and_shapes, sync  # that benchmark's
 from torch import Tensor
 
 from saelib.saes.topk import TopKConfig, TopKSAE
@@ -462,12 +462,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if args.shape in ("auto", "all"):
-        names = ["cpu", "cuda"] if device.type == "cuda" or args.shape == "all" else ["cpu"]
-    else:
-        names = [args.shape]
+    device, names = device_and_shapes(args.device, args.shape)
     for name in names:
         for threads in args.threads:
             run_shape(SHAPES[name], device, threads, args)

@@ -209,14 +209,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def device_and_shapes(device_name: str, shape: str) -> tuple[torch.device, list[str]]:
+    """The device (``auto``: CUDA when available) and the shapes to run (``auto``: the cpu
+    shape, plus the cuda shape on a CUDA device; ``all``: both)."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if device_name == "auto" else device_name)
+    if shape in ("auto", "all"):
+        return device, ["cpu", "cuda"] if device.type == "cuda" or shape == "all" else ["cpu"]
+    return device, [shape]
+
+
 def main() -> None:
     args = parse_args()
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if args.shape in ("auto", "all"):
-        names = ["cpu", "cuda"] if device.type == "cuda" or args.shape == "all" else ["cpu"]
-    else:
-        names = [args.shape]
+    device, names = device_and_shapes(args.device, args.shape)
     torch.manual_seed(0)
     for name in names:
         run_shape(SHAPES[name], device, args.warmup, args.steps)
