@@ -84,15 +84,19 @@ import copy
 import importlib
 import importlib.metadata
 import importlib.util
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-from topk_step import SHAPES, Shape, autocast, device_and_shapes, sync  # that benchmark's
+from topk_step import (  # that benchmark's shapes and helpers
+    SHAPES,
+    Shape,
+    autocast,
+    device_and_shapes,
+    time_interleaved,
+)
 from torch import Tensor
 
 from saelib.saes.topk import TopKConfig, TopKSAE
@@ -362,26 +366,6 @@ def check_reconstructions(ref: Reference, contestants: list[Contestant]) -> bool
     return passed
 
 
-def time_interleaved(
-    contestants: list[Contestant], device: torch.device, warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median seconds per step of each contestant; one step each per round, after ``warmup``
-    rounds, the order rotating from round to round."""
-    for _ in range(warmup):
-        for contestant in contestants:
-            contestant.step()
-    times: dict[str, list[float]] = {contestant.name: [] for contestant in contestants}
-    for round_index in range(repeats):
-        shift = round_index % len(contestants)
-        for contestant in contestants[shift:] + contestants[:shift]:
-            sync(device)
-            started = time.perf_counter()
-            contestant.step()
-            sync(device)
-            times[contestant.name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def print_table(seconds: dict[str, float], batch: int) -> None:
     print(f"  {'contestant':<22}{'median ms/step':>16}{'tokens/s':>14}")
     for name, value in seconds.items():
@@ -425,7 +409,8 @@ def run_shape(shape: Shape, device: torch.device, threads: int, args: argparse.N
         print(f"  skipped, not installed: {name}")
     if args.check and not check_reconstructions(ref, contestants):
         raise SystemExit("check failed: see the lines above")
-    seconds = time_interleaved(contestants, device, args.warmup, args.steps)
+    steps = {contestant.name: contestant.step for contestant in contestants}
+    seconds = time_interleaved(steps, device, args.warmup, args.steps)
     print_table(seconds, shape.batch)
     seen = ", ".join(f"{c.name} {c.dead()}" for c in contestants if c.dead is not None)
     print(f"  dead latents in AuxK at the last step: {seen}")

@@ -149,13 +149,17 @@ def trainer_optimizers(
 def time_interleaved(
     steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, float]:
-    """Median seconds per call of each step; the steps take turns, after ``warmup`` rounds."""
+    """Median seconds per call of each step; the steps take turns, after ``warmup`` rounds, the
+    order rotating from round to round (so no step always runs after the same one)."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = steps[name]
             sync(device)
             started = time.perf_counter()
             step()

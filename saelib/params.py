@@ -12,7 +12,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -211,6 +211,14 @@ def require_non_empty(params: Any, *names: str) -> None:
     for name in names:
         if not getattr(params, name):
             raise ParamsError(f"{name} must not be empty")
+
+
+def require_choices(params: Any, name: str, known: Sequence[str]) -> None:
+    """Every value of the field (a list, or one string) is one of ``known``."""
+    value = getattr(params, name)
+    unknown = [item for item in ([value] if isinstance(value, str) else value) if item not in known]
+    if unknown:
+        raise ParamsError(f"{name}: {unknown[0]!r} is not one of {list(known)}")
 
 
 def require_fraction(params: Any, *names: str) -> None:

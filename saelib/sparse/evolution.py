@@ -78,10 +78,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from saelib.sparse.masks import MaskedLinear, masked_layers
-from saelib.sparse.train import validation_loss
+from saelib.sparse.train import next_token_cross_entropy, validation_loss
 from saelib.sparse.updaters import _reset_optimizer_state, _Updater
 from saelib.training import StepInfo, TrainResult
 
@@ -279,7 +278,7 @@ def score_candidate(
     try:
         with torch.set_grad_enabled(gradient):
             logits = functional_call(model, overrides, (rows[:, :-1],))
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+            ce = next_token_cross_entropy(logits, rows)
             terms = {"ce": float(ce.detach())}
             if gradient:
                 grads = torch.autograd.grad(ce, list(weights.values()))

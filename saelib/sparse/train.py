@@ -18,7 +18,13 @@ from torch.nn import functional as F
 
 from saelib.training import TrainState
 
-__all__ = ["NextTokenLoss", "perplexity", "validation_loss"]
+__all__ = ["NextTokenLoss", "next_token_cross_entropy", "perplexity", "validation_loss"]
+
+
+def next_token_cross_entropy(logits: Tensor, rows: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy (nats, float32) of ``logits`` (batch, length, vocab) for the next tokens
+    of ``rows`` (batch, length + 1)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction=reduction)
 
 
 @dataclass
@@ -31,8 +37,7 @@ class NextTokenLoss:
     def __call__(
         self, model: nn.Module, rows: Tensor, logits: Tensor, state: TrainState
     ) -> dict[str, Tensor]:
-        total = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
-        return {"total": total}
+        return {"total": next_token_cross_entropy(logits, rows)}
 
 
 @torch.no_grad()
@@ -44,10 +49,8 @@ def validation_loss(model: nn.Module, rows: Tensor, batch_size: int = 64) -> flo
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size].to(device)
-        logits = model(batch[:, :-1]).float()
-        targets = batch[:, 1:]
-        total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-        count += targets.numel()
+        total += float(next_token_cross_entropy(model(batch[:, :-1]), batch, reduction="sum"))
+        count += batch[:, 1:].numel()
     model.train(was_training)
     return total / count
 

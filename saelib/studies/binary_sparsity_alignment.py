@@ -28,6 +28,7 @@ from torch import Tensor
 from saelib.params import (
     ParamsError,
     require_all_positive,
+    require_choices,
     require_fraction,
     require_non_empty,
     require_non_negative,
@@ -144,9 +145,7 @@ class BinarySparsityParams:
                     f"loss_metrics: {pair!r} is not reconstruction/alignment with reconstruction "
                     f"in {list(RECON_METRICS)} and alignment in {list(ALIGN_METRICS)}"
                 )
-        unknown = [name for name in self.estimators if name not in ESTIMATORS]
-        if unknown:
-            raise ParamsError(f"estimators: {unknown[0]!r} is not one of {list(ESTIMATORS)}")
+        require_choices(self, "estimators", list(ESTIMATORS))
         if self.ablation_latent_dim not in self.latent_dims:
             raise ParamsError(f"ablation_latent_dim={self.ablation_latent_dim} is not in "
                               f"latent_dims={self.latent_dims}")  # fmt: skip

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from saelib.params import (
     ParamsError,
+    require_choices,
     require_fraction,
     require_non_empty,
     require_non_negative,
@@ -50,7 +51,7 @@ from saelib.sparse import (
     validation_loss,
 )
 from saelib.sparse.distill import DistillationLoss, EMATeacherUpdate
-from saelib.sparse.evolution import SparsAE
+from saelib.sparse.evolution import PROXIES, SparsAE
 from saelib.sparse.flops import flops_per_token
 from saelib.studies.claims import Claim, seed_spread, summarize_seeds
 from saelib.studies.common import check_dataset, check_device, check_seed_range
@@ -61,7 +62,6 @@ from saelib.training import TrainConfig, TrainResult, TrainSpec, for_models, tra
 METHODS = ("dense", "static", "set", "rigl", "sparsae")
 # each ablation switches one part of SparsAE off
 ABLATIONS = ("no_distillation", "no_burn_in", "no_reset", "ce_only")
-PROXIES = ("ce", "ce+diversity", "ce+diversity+gradient")
 
 
 @dataclass
@@ -137,9 +137,9 @@ class SparsAEParams:
         check_seed_range(self.seeds)
         check_device(self.device)
         self.dataset = check_dataset(self.dataset)
-        _check_names("methods", self.methods, METHODS)
-        _check_names("ablations", self.ablations, ABLATIONS)
-        _check_names("proxy", [self.proxy], PROXIES)
+        require_choices(self, "methods", METHODS)
+        require_choices(self, "ablations", ABLATIONS)
+        require_choices(self, "proxy", PROXIES)
         for name in ("sparsities", "ablation_sparsity"):
             values = getattr(self, name)
             for value in values if isinstance(values, list) else [values]:
@@ -190,12 +190,6 @@ class SparsAEParams:
             checkpoint_every=self.checkpoint_every,
             log_every=10,
         )
-
-
-def _check_names(name: str, given: list[str], known: tuple[str, ...]) -> None:
-    unknown = [value for value in given if value not in known]
-    if unknown:
-        raise ParamsError(f"{name}: {unknown[0]!r} is not one of {list(known)}")
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -527,24 +521,19 @@ def ablation_table(summary: pd.DataFrame, params: SparsAEParams) -> pd.DataFrame
 
 
 def mask_stability(trained: Trained) -> pd.DataFrame:
-    """Per model and update: the fraction of active connections kept through the update."""
+    """Per model and update: the fraction of active connections kept through the update
+    (SparsAE logs it; SET and RigL log the connections each update grew, out of a constant
+    active count)."""
+    nnz = {result.name: sum(layer.nnz for layer in masked_layers(result.model).values())
+           for result in trained.results}  # fmt: skip
     rows = []
     for hook in trained.hooks.updaters.values():
         for entry in getattr(hook, "log", []):
-            cell = trained.cells[entry["model"]]
-            rows.append({"model": entry["model"], "variant": cell.variant,
-                         "sparsity": cell.sparsity, "step": entry["step"],
-                         "stability": _stability(trained, entry)})  # fmt: skip
+            cell, name = trained.cells[entry["model"]], entry["model"]
+            stability = entry.get("stability", 1 - sum(entry["changed"].values()) / nnz[name])
+            rows.append({"model": name, "variant": cell.variant, "sparsity": cell.sparsity,
+                         "step": entry["step"], "stability": stability})  # fmt: skip
     return pd.DataFrame(rows, columns=["model", "variant", "sparsity", "step", "stability"])
-
-
-def _stability(trained: Trained, entry: dict) -> float:
-    """SparsAE logs its stability; SET and RigL log the connections each update grew."""
-    if "stability" in entry:
-        return entry["stability"]
-    model = next(result.model for result in trained.results if result.name == entry["model"])
-    nnz = sum(layer.nnz for layer in masked_layers(model).values())
-    return 1 - sum(entry["changed"].values()) / nnz
 
 
 def proxy_trajectory(trained: Trained) -> pd.DataFrame:

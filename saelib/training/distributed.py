@@ -57,6 +57,7 @@ from torch import distributed as dist
 __all__ = [
     "Parallel",
     "barrier",
+    "batch_rows",
     "batch_sum",
     "init_from_env",
     "is_distributed",
@@ -182,6 +183,14 @@ def batch_sum(tensor: Tensor) -> Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+def batch_rows(x: Tensor) -> int:
+    """The batch's row count: ``len(x)``, or the sum over every process's slice when called
+    from a data-parallel loss (no tensor is made otherwise)."""
+    if not _in_sharded_loss.get():
+        return len(x)
+    return int(batch_sum(torch.tensor(len(x), device=x.device)))
 
 
 def broadcast_module(module: nn.Module) -> None:

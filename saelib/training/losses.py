@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from saelib.saes import SAEOutput
-from saelib.training.distributed import batch_sum
+from saelib.training.distributed import batch_rows, batch_sum
 
 ReconstructionLoss = Literal["l2", "mse", "fvu"]
 AuxKForm = Literal["per_dim_variance", "error_variance"]
@@ -89,8 +89,7 @@ def reconstruction_loss(x: Tensor, recon: Tensor, kind: ReconstructionLoss = "l2
     if kind == "mse":
         return squared.mean()
     if kind == "fvu":  # rows' mean times the batch's row count: exact when a batch is split
-        rows = batch_sum(x.new_tensor(float(len(x))))
-        return squared.sum(dim=-1).mean() * rows / total_variance(x).sum().clamp_min(1e-12)
+        return squared.sum(dim=-1).mean() * batch_rows(x) / total_variance(x).sum().clamp_min(1e-12)
     raise ValueError(f"reconstruction loss must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
 
 
@@ -107,8 +106,7 @@ def total_variance(x: Tensor) -> Tensor:
 
 def _centred(x: Tensor) -> Tensor:
     """``x`` minus the batch's mean row (the whole batch's, when it is split over processes)."""
-    rows = batch_sum(x.new_tensor(float(len(x))))
-    return x - batch_sum(x.sum(dim=0)) / rows
+    return x - batch_sum(x.sum(dim=0)) / batch_rows(x)
 
 
 def auxk_loss(
@@ -152,7 +150,7 @@ def auxk_loss(
         return scale * (squared / total_variance(x).clamp_min(1e-12)).mean()
     if form == "error_variance":
         spread = batch_sum(_centred(error).pow(2).sum())
-        denominator = (spread / batch_sum(error.new_tensor(float(len(error))))).clamp_min(1e-12)
+        denominator = (spread / batch_rows(error)).clamp_min(1e-12)
         return squared.sum(dim=-1).mean() / denominator
     raise ValueError(f"AuxK form must be one of {AUXK_FORMS}, got {form!r}")
 
