@@ -8,7 +8,7 @@ training (progress 0.7), where every EMA schedule is on and its EMA holds the pa
 batches. Prints the median step time per run and its ratio to the static penalty's.
 
 With ``--sparse-ema`` the EMA is kept as a sparse tensor of the pairs seen, as it is for a
-d_sae whose dense pair matrix exceeds ``dense_ema_max_mib``.
+d_sae whose dense pair matrix exceeds ``dense_max_mib``.
 
     python benchmarks/ortho_step.py [--steps N] [--warmup N] [--d-sae 4096] [--batch 512]
                                     [--sparse-ema]
@@ -37,7 +37,7 @@ def build(run: str, d_in: int, d_sae: int, k: int, sparse_ema: bool):
     if run != "baseline":
         penalty = make_penalty(run)
         if sparse_ema:
-            penalty.dense_ema_max_mib = 0.0
+            penalty.dense_max_mib = 0.0
         loss = OrthogonalTopKLoss(penalty)
     optimizer = make_optimizer(sae, TrainConfig(lr=5e-4), torch.device("cpu"))
     return sae, loss, optimizer

@@ -128,7 +128,7 @@ def test_pair_ema_with_lazy_decay_matches_a_dense_ema():
         ratio = torch.rand(12, generator=generator)
         observed = torch.zeros(50).index_copy_(0, keys, ratio)
         dense = 0.9 * dense + 0.1 * observed  # absent pairs count as 0
-        torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
+        torch.testing.assert_close(ema.update(keys, 0.1 * ratio, step), dense[keys])
 
 
 def test_dense_pair_ema_matches_a_dense_ema_and_skipped_steps_decay():
@@ -142,7 +142,7 @@ def test_dense_pair_ema_matches_a_dense_ema_and_skipped_steps_decay():
         dense = 0.9 ** (step - previous - 1) * dense  # the skipped steps
         dense = 0.9 * dense + 0.1 * observed
         previous = step
-        torch.testing.assert_close(ema.update(keys, ratio, step), dense[keys])
+        torch.testing.assert_close(ema.update(keys, 0.1 * ratio, step), dense[keys])
     restored = DensePairEMA.from_state_dict(0.9, 0.0, ema.state_dict())
     assert restored.last_step == 20 and torch.equal(restored.matrix, ema.matrix)
 
@@ -151,7 +151,7 @@ def test_dense_pair_ema_matches_a_dense_ema_and_skipped_steps_decay():
 def test_dense_and_sparse_ema_storage_give_the_same_penalty(make_sae, schedule):
     sae = make_sae(d_in=16, d_sae=32, k=4)
     dense = OrthogonalityPenalty(SCHEDULES[schedule], ema_floor=0.0)
-    sparse = OrthogonalityPenalty(SCHEDULES[schedule], ema_floor=0.0, dense_ema_max_mib=0.0)
+    sparse = OrthogonalityPenalty(SCHEDULES[schedule], ema_floor=0.0, dense_max_mib=0.0)
     generator = torch.Generator().manual_seed(5)
     for step in range(100, 112):
         output = sae(torch.randn(64, 16, generator=generator))

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from saelib.io import write_json
 from saelib.saes import SAE
-from saelib.saes.coactivation import count_pairs, ordered_pairs
+from saelib.saes.coactivation import active_pair_keys, ordered_pairs
 
 if TYPE_CHECKING:
     from saelib.training import StepInfo
@@ -118,13 +118,14 @@ def coactivation_pairs(
     """(i, j, n_ij, count_j): every ordered co-occurring pair of latents on ``acts``, in order of
     i * d_sae + j. ``count_j`` (d_sae,) is how many samples each latent is active on.
 
-    The pairs are counted by :func:`saelib.saes.coactivation.count_pairs` in chunks of rows of
-    about ``max_pair_entries`` slot pairs, and merged as they go (bounded memory).
+    The pairs of active slots (:func:`saelib.saes.coactivation.active_pair_keys`) are taken in
+    chunks of rows of about ``max_pair_entries`` slot pairs and counted as they go (bounded
+    memory).
     """
     if len(acts) == 0:
         raise ValueError("co-activation statistics need at least one activation vector")
     device = next(sae.parameters()).device
-    keys, counts = [], []
+    counter = _PairCounter(sae.d_sae, device, max_pair_entries)
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     for start in range(0, len(acts), batch_size):
         output = sae(acts[start : start + batch_size].to(device).float())
@@ -133,23 +134,50 @@ def coactivation_pairs(
         for chunk_acts, chunk_indices in zip(
             output.acts.split(rows_per_chunk), output.indices.split(rows_per_chunk), strict=True
         ):
-            pairs = count_pairs(chunk_acts, chunk_indices, sae.d_sae)
-            keys.append(pairs.keys)
-            counts.append(pairs.counts)
-        if sum(len(part) for part in keys) > 4 * max_pair_entries:
-            merged_keys, merged_counts = _merge_counts(keys, counts)  # bounds the memory
-            keys, counts = [merged_keys], [merged_counts]
-    first, second, together, _ = ordered_pairs(*_merge_counts(keys, counts), sae.d_sae)
-    order = (first * sae.d_sae + second).argsort()
-    i, j, together = first[order], second[order], together[order]
+            counter.add(active_pair_keys(chunk_acts, chunk_indices, sae.d_sae)[0])
+    i, j, together = counter.ordered_pairs()
     return i, j, together.double() / fired[j], fired  # float64: exact ratios sit on bin edges
 
 
-def _merge_counts(keys: list[Tensor], counts: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Sorted unique keys with their summed counts."""
-    merged, inverse = torch.cat(keys).unique(return_inverse=True)
-    total = torch.zeros(len(merged), dtype=torch.long, device=merged.device)
-    return merged, total.index_add_(0, inverse, torch.cat(counts))
+class _PairCounter:
+    """Counts of unordered pair keys: in a dense d_sae^2 table when it is small enough (no
+    sort), else as sorted unique keys merged as they come (memory bounded by the pairs seen)."""
+
+    DENSE_MAX_ENTRIES = 1 << 25  # 128 MiB of int32 counts: d_sae up to 5792
+
+    def __init__(self, d_sae: int, device: torch.device, max_pair_entries: int):
+        self.d_sae, self.max_pair_entries = d_sae, max_pair_entries
+        self.table = None
+        if d_sae * d_sae <= self.DENSE_MAX_ENTRIES:
+            self.table = torch.zeros(d_sae * d_sae, dtype=torch.int32, device=device)
+        self.keys: list[Tensor] = []
+        self.counts: list[Tensor] = []
+
+    def add(self, keys: Tensor) -> None:
+        if self.table is not None:
+            self.table.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+            return
+        self.keys.append(keys)
+        self.counts.append(torch.ones_like(keys))
+        if sum(len(part) for part in self.keys) > 4 * self.max_pair_entries:
+            self._merge()  # bounds the memory
+
+    def ordered_pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(i, j, count): both orderings of every pair counted, in order of i * d_sae + j."""
+        if self.table is not None:  # the symmetric matrix's non-zeros come in that order
+            square = self.table.view(self.d_sae, self.d_sae)
+            counts = (square + square.T).flatten()
+            keys = counts.nonzero().squeeze(1)
+            return keys // self.d_sae, keys % self.d_sae, counts[keys].long()
+        self._merge()
+        first, second, together, _ = ordered_pairs(self.keys[0], self.counts[0], self.d_sae)
+        order = (first * self.d_sae + second).argsort()
+        return first[order], second[order], together[order]
+
+    def _merge(self) -> None:
+        merged, inverse = torch.cat(self.keys).unique(return_inverse=True)
+        total = torch.zeros(len(merged), dtype=torch.long, device=merged.device)
+        self.keys, self.counts = [merged], [total.index_add_(0, inverse, torch.cat(self.counts))]
 
 
 def coactivation_stats(

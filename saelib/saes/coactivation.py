@@ -36,6 +36,17 @@ def count_pairs(
 ) -> PairCounts:
     """Count, for every unordered pair of latents, the rows of ``(acts, indices)`` where both
     are active. With ``include_diagonal`` a latent also pairs with itself (count = its fires)."""
+    entry_keys, slots, both = active_pair_keys(acts, indices, d_sae, include_diagonal)
+    keys, entry_pair, counts = torch.unique(entry_keys, return_inverse=True, return_counts=True)
+    return PairCounts(keys, counts, slots, both, entry_pair)
+
+
+@torch.no_grad()
+def active_pair_keys(
+    acts: Tensor, indices: Tensor, d_sae: int, include_diagonal: bool = False
+) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    """(keys, (a, b), both): low * d_sae + high of every pair of active slots of every row, the
+    slot pairs considered, and the (B, T) mask of those with both slots active."""
     m = indices.shape[1]
     offset = 0 if include_diagonal else 1
     a, b = torch.triu_indices(m, m, offset=offset, device=indices.device)
@@ -43,10 +54,7 @@ def count_pairs(
     both = active[:, a] & active[:, b]
     low = torch.minimum(indices[:, a], indices[:, b])[both]
     high = torch.maximum(indices[:, a], indices[:, b])[both]
-    keys, entry_pair, counts = torch.unique(
-        low * d_sae + high, return_inverse=True, return_counts=True
-    )
-    return PairCounts(keys, counts, (a, b), both, entry_pair)
+    return low * d_sae + high, (a, b), both
 
 
 def ordered_pairs(

@@ -6,14 +6,17 @@
     c_ij = clamp((n_ij - tau(p)) / tau(p), 0, 1)                                     (no grad)
 
 Only pairs of latents that fire together in the batch can have n_ij > 0, and only those with
-c_ij > 0 contribute, so everything is computed on the co-active pairs of the batch (at most
-B * m^2 of them for a code of m slots per row, m = k for TopK), never on d_sae x d_sae
-matrices; any SAE output works (fixed-k, variable-k, binary), cheaply while the code is sparse
-(m is the busiest row's count of active latents: a dense early ReLU code makes it large).
+c_ij > 0 contribute, so everything is computed per entry of the batch's code: each pair of
+active slots of a row (B * m (m - 1) / 2 entries for a code of m slots per row, m = k for
+TopK), with each entry's pair totals (C_ij, F_ij) gathered through a table indexed by pair
+(:class:`PairSums`: a dense d_sae^2 scratch while it fits in ``dense_max_mib``, else the
+pairs' ranks from one sort). No d_sae x d_sae matrix is multiplied; any SAE output works
+(fixed-k, variable-k, binary), cheaply while the code is sparse (m is the busiest row's count of
+active latents: a dense early ReLU code makes it large).
 The EMA of n_ij (runs 4-7) covers every pair ever seen, which in practice is a large share of
 all d_sae^2 pairs (half of them within a few dozen steps at d_sae 4096, k 40): it is kept as a
 dense d_sae x d_sae matrix (:class:`DensePairEMA`, exact, one multiply of the matrix per step)
-while that matrix fits in ``dense_ema_max_mib``, else as a sparse tensor of the pairs seen so
+while that matrix fits in ``dense_max_mib``, else as a sparse tensor of the pairs seen so
 far, pruned below ``ema_floor`` (:class:`PairEMA`).
 
 Notes on the original formulation, kept as options:
@@ -35,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes import SAE, SAEOutput
-from saelib.saes.coactivation import PairCounts, count_pairs, ordered_pairs
 from saelib.training.losses import TopKLoss, TrainState
 
 TAU_FLOOR = 1e-3
@@ -106,22 +108,30 @@ class OrthogonalityPenalty:
     penalty: Literal["activation", "decoder"] = "activation"
     warmup_fraction: float = 0.1  # warmup factor = min(1, step / (warmup_fraction * steps))
     ema_floor: float = 1e-4  # sparse EMA: entries below this are dropped (tau is floored at 1e-3)
-    dense_ema_max_mib: float = 512.0  # a larger d_sae x d_sae EMA is kept sparse
+    dense_max_mib: float = 512.0  # larger d_sae x d_sae tables are kept sparse
     _ema: PairEMA | DensePairEMA | None = field(default=None, repr=False)
 
     def __call__(self, sae: SAE, output: SAEOutput, state: TrainState) -> Tensor:
         p = state.progress
         warmup = min(1.0, state.step / max(self.warmup_fraction * state.total_steps, 1.0))
         weight = self.schedule.weight(p, warmup)
-        tau = max(self.schedule.tau(p), TAU_FLOOR)
-        pairs = coactive_pairs(output, self.include_diagonal)
-        ratio = self._smoothed(pairs, sae.d_sae, state.step)
-        coefficient = ((ratio - tau) / tau).clamp(0.0, 1.0)
-        chosen = coefficient > 0
-        if weight == 0.0 or not bool(chosen.any()):
+        if weight == 0.0:
             return output.acts.new_zeros(())
-        magnitude = self._magnitudes(sae, output, pairs, chosen)
-        return weight * (coefficient[chosen] * magnitude).sum()
+        tau = max(self.schedule.tau(p), TAU_FLOOR)
+        pairs = slot_pairs(output, self.include_diagonal)
+        with torch.no_grad():  # per entry, its pair's totals: rows where both fire, and B F_ij
+            pair_sum = PairSums(pairs.keys, sae.d_sae, self._dense(sae.d_sae))
+            together, gram = pair_sum(pairs.both), pair_sum(pairs.product.detach())
+            forward, backward = self._ratios(pairs, together, sae.d_sae, state.step)
+            # c_ij + c_ji: an entry stands for both orderings of its pair (the diagonal for one)
+            coefficient = _coefficient(forward, tau) + _coefficient(backward, tau) * (
+                pairs.low != pairs.high
+            )
+            coefficient *= pairs.both  # an entry with an inactive slot is no pair
+        if self.penalty == "decoder":
+            return weight * _decoder_magnitudes(sae, pairs, together, coefficient)
+        # sum over pairs of c |F_ij| = sum over entries of c sign(F_ij) f_a f_b / B: no gathering
+        return weight * (coefficient * gram.sign() * pairs.product).sum() / pairs.batch_size
 
     def state_dict(self) -> dict:
         """The EMA of n_ij (what a resumed run needs to continue exactly)."""
@@ -133,61 +143,114 @@ class OrthogonalityPenalty:
             kind = DensePairEMA if "matrix" in state["ema"] else PairEMA
             self._ema = kind.from_state_dict(self.schedule.ema_decay, self.ema_floor, state["ema"])
 
-    def _smoothed(self, pairs: CoactivePairs, d_sae: int, step: int) -> Tensor:
-        """n_ij at the batch's pairs, through the EMA when the schedule has one."""
+    def _dense(self, d_sae: int) -> bool:
+        return d_sae * d_sae * 4 <= self.dense_max_mib * 2**20
+
+    def _ratios(self, pairs: SlotPairs, together: Tensor, d_sae: int, step: int):
+        """(n_low,high, n_high,low) at every entry, through the EMA when the schedule has one."""
+        fires = torch.zeros(d_sae, device=pairs.both.device)
+        fires.index_add_(0, pairs.latents, pairs.active)
+        fires.clamp_(min=1.0)  # a latent that never fires only appears in inactive entries
+        low_fires, high_fires = fires[pairs.low], fires[pairs.high]
         decay = self.schedule.ema_decay
         if decay is None or step < self.schedule.ema_start_step:
-            return pairs.ratio
+            return together / high_fires, together / low_fires
         if self._ema is None:
             self._ema = self._new_ema(decay, d_sae, pairs.keys.device)
-        return self._ema.update(pairs.keys, pairs.ratio, step)
+        # each entry adds its share of n_ij, 1 / fires_j: a pair's entries add up to n_ij
+        diagonal = pairs.low == pairs.high  # one ordering only
+        increments = torch.cat([pairs.both / high_fires, pairs.both * ~diagonal / low_fires])
+        keys = torch.cat([pairs.keys, pairs.high * d_sae + pairs.low])
+        return self._ema.update(keys, (1 - decay) * increments, step).chunk(2)
 
     def _new_ema(self, decay: float, d_sae: int, device: torch.device) -> PairEMA | DensePairEMA:
-        if d_sae * d_sae * 4 <= self.dense_ema_max_mib * 2**20:
+        if self._dense(d_sae):
             return DensePairEMA(decay, d_sae * d_sae, device)
         return PairEMA(decay, self.ema_floor, device)
 
-    def _magnitudes(self, sae, output, pairs: CoactivePairs, chosen: Tensor) -> Tensor:
-        first, second = pairs.first[chosen], pairs.second[chosen]
-        if self.penalty == "decoder":
-            return (sae.W_dec[first] * sae.W_dec[second]).sum(-1).abs()
-        return pairs.gram(output.acts, chosen).abs()
+
+def _coefficient(ratio: Tensor, tau: float) -> Tensor:
+    return ((ratio - tau) / tau).clamp(0.0, 1.0)
+
+
+def _decoder_magnitudes(sae: SAE, pairs: SlotPairs, together: Tensor, coefficient: Tensor):
+    """sum over the chosen pairs of c * |W_dec_i . W_dec_j|, each pair once."""
+    chosen = coefficient > 0
+    keys, inverse = torch.unique(pairs.keys[chosen], return_inverse=True)
+    with torch.no_grad():  # a pair's entries share its coefficient: their mean is it
+        shares = coefficient[chosen] / together[chosen]
+        per_pair = coefficient.new_zeros(len(keys)).index_add_(0, inverse, shares)
+    low, high = keys // sae.d_sae, keys % sae.d_sae
+    return (per_pair * (sae.W_dec[low] * sae.W_dec[high]).sum(-1).abs()).sum()
 
 
 @dataclass
-class CoactivePairs:
-    """Ordered pairs (i, j) of latents active together in a batch, with n_ij = C_ij / C_jj.
+class SlotPairs:
+    """Every pair of slots (a < b, or a <= b with the diagonal) of every row of a code,
+    flattened to entries: B * m (m - 1) / 2 of them for m slots per row. An entry names its
+    two latents (low <= high); ``both`` says whether both slots are active. Working on these
+    entries with per-pair totals (:class:`PairSums`) needs no sort of the pairs."""
 
-    Built from :func:`saelib.saes.coactivation.count_pairs` (each unordered pair counted once).
-    """
-
-    first: Tensor  # (P,) latent i
-    second: Tensor  # (P,) latent j
-    keys: Tensor  # (P,) i * d_sae + j
-    ratio: Tensor  # (P,) n_ij
-    unordered: Tensor  # (P,) index of the unordered pair {i, j}
-    counts: PairCounts  # the unordered pairs and the slot entries behind them
+    low: Tensor  # (E,) the smaller latent
+    high: Tensor  # (E,) the larger latent
+    keys: Tensor  # (E,) low * d_sae + high
+    both: Tensor  # (E,) float 1.0 where both slots are active
+    product: Tensor  # (E,) f_a f_b, differentiable
+    latents: Tensor  # (B * m,) every slot's latent, and whether it is active:
+    active: Tensor  # (B * m,) float
     batch_size: int
 
-    def gram(self, acts: Tensor, chosen: Tensor) -> Tensor:
-        """F_ij = sum_b f_bi f_bj / B for the chosen ordered pairs, differentiable in ``acts``."""
-        a, b = self.counts.slots
-        products = (acts[:, a] * acts[:, b])[self.counts.entry_mask]
-        summed = products.new_zeros(len(self.counts.keys))
-        summed = summed.index_add(0, self.counts.entry_pair, products)
-        return summed[self.unordered[chosen]] / self.batch_size
+
+def slot_pairs(output: SAEOutput, include_diagonal: bool) -> SlotPairs:
+    acts, indices = output.acts, output.indices
+    m = indices.shape[1]
+    a, b = torch.triu_indices(m, m, offset=0 if include_diagonal else 1, device=indices.device)
+    with torch.no_grad():
+        first, second = indices[:, a].flatten(), indices[:, b].flatten()
+        low, high = torch.minimum(first, second), torch.maximum(first, second)
+        active = (acts != 0).float()
+        both = (active[:, a] * active[:, b]).flatten()
+    product = (acts[:, a] * acts[:, b]).flatten()
+    return SlotPairs(
+        low, high, low * output.d_sae + high, both, product,
+        indices.flatten(), active.flatten(), acts.shape[0],
+    )  # fmt: skip
 
 
-@torch.no_grad()
-def coactive_pairs(output: SAEOutput, include_diagonal: bool) -> CoactivePairs:
-    """Co-activation statistics of a batch's code (any :class:`SAEOutput`) over its active pairs."""
-    d_sae = output.d_sae
-    counts = count_pairs(output.acts, output.indices, d_sae, include_diagonal)
-    fires = torch.bincount(output.active()[1], minlength=d_sae).float()
-    first, second, together, unordered = ordered_pairs(counts.keys, counts.counts, d_sae)
-    ratio = together.float() / fires[second]
-    keys = first * d_sae + second
-    return CoactivePairs(first, second, keys, ratio, unordered, counts, output.acts.shape[0])
+class PairSums:
+    """Per-entry totals of a value over all the entries of the same pair (same key).
+
+    Dense: one shared d_sae^2 table indexed by key, added into and read back, then zeroed at
+    the keys touched (O(entries), no sort). Sparse: a table over the pairs ranked by
+    ``torch.unique`` (one sort), for a d_sae whose square table would be too large.
+    """
+
+    def __init__(self, keys: Tensor, d_sae: int, dense: bool):
+        if dense:
+            self.index, self.table = keys, _shared_table(d_sae * d_sae, keys.device)
+        else:
+            unique, self.index = torch.unique(keys, return_inverse=True)
+            self.table = torch.zeros(len(unique), device=keys.device)
+
+    @torch.no_grad()
+    def __call__(self, values: Tensor) -> Tensor:
+        try:
+            self.table.index_add_(0, self.index, values)
+            return self.table.take(self.index)
+        finally:
+            self.table.index_fill_(0, self.index, 0.0)
+
+
+_TABLES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _shared_table(size: int, device: torch.device) -> Tensor:
+    """A zeroed float table, shared by every penalty of that size (each leaves it zeroed)."""
+    key = (size, torch.device(device))
+    if key not in _TABLES:
+        _TABLES.clear()  # one table at a time: a grid trains one d_sae
+        _TABLES[key] = torch.zeros(size, device=device)
+    return _TABLES[key]
 
 
 class DensePairEMA:
@@ -216,12 +279,13 @@ class DensePairEMA:
         last = int(state["last_step"])
         self.last_step = None if last < 0 else last
 
-    def update(self, keys: Tensor, ratio: Tensor, step: int) -> Tensor:
-        """Fold this step's n_ij (at ``keys``) in; return the averages at ``keys``."""
+    def update(self, keys: Tensor, increments: Tensor, step: int) -> Tensor:
+        """Decay, then add ``increments`` at ``keys`` (repeated keys add up: a pair's increments
+        sum to (1 - decay) n_ij); return the averages at ``keys``."""
         if self.last_step is not None and step > self.last_step:
             self.matrix.mul_(self.decay ** (step - self.last_step))
         self.last_step = step
-        self.matrix.index_add_(0, keys, (1 - self.decay) * ratio.to(self.matrix.dtype))
+        self.matrix.index_add_(0, keys, increments.to(self.matrix.dtype))
         return self.matrix[keys]
 
 
@@ -252,26 +316,29 @@ class PairEMA:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.keys, self.values, self.stamps = state["keys"], state["values"], state["stamps"]
 
-    def update(self, keys: Tensor, ratio: Tensor, step: int) -> Tensor:
-        """Fold this step's n_ij (at ``keys``) in; return the averages at ``keys``."""
+    def update(self, keys: Tensor, increments: Tensor, step: int) -> Tensor:
+        """Decay, then add ``increments`` at ``keys`` (repeated keys add up: a pair's increments
+        sum to (1 - decay) n_ij); return the averages at ``keys``."""
+        keys, inverse = torch.unique(keys, return_inverse=True)
+        added = increments.new_zeros(len(keys)).index_add_(0, inverse, increments)
         position = torch.searchsorted(self.keys, keys).clamp(max=max(len(self.keys) - 1, 0))
         found = (
             (self.keys[position] == keys)
             if len(self.keys)
             else torch.zeros_like(keys, dtype=torch.bool)
         )
-        decayed = torch.zeros_like(ratio)  # decay * (the average after the previous step)
+        decayed = torch.zeros_like(added)  # decay * (the average after the previous step)
         if bool(found.any()):
             at = position[found]
             decayed[found] = self.values[at] * self.decay ** (step - self.stamps[at]).float()
-        smoothed = decayed + (1 - self.decay) * ratio
+        smoothed = decayed + added
         if bool(found.any()):
             at = position[found]
             self.values[at], self.stamps[at] = smoothed[found], step
         self._insert(keys[~found], smoothed[~found], step)
         if step % self.prune_every == 0:
             self._prune(step)
-        return smoothed
+        return smoothed[inverse]
 
     def _insert(self, keys: Tensor, values: Tensor, step: int) -> None:
         if not len(keys):

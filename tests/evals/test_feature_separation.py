@@ -14,6 +14,7 @@ import torch
 
 from saelib.evals.feature_separation import (
     SeparationRecorder,
+    _PairCounter,
     coactivation_pairs,
     coactivation_stats,
     decoder_cosine_stats,
@@ -44,7 +45,10 @@ def brute_force_n_ij(sae: TopKSAE, acts: torch.Tensor) -> tuple[torch.Tensor, to
     return n_ij, (together > 0) & ~torch.eye(sae.d_sae, dtype=torch.bool)
 
 
-def test_n_ij_matches_a_dense_computation(sparse_sae):
+@pytest.mark.parametrize("table", ["dense", "sparse"])
+def test_n_ij_matches_a_dense_computation(sparse_sae, table, monkeypatch):
+    if table == "sparse":  # the counting used when a d_sae x d_sae table would be too large
+        monkeypatch.setattr(_PairCounter, "DENSE_MAX_ENTRIES", 0)
     acts = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (sparse_sae(acts).acts == 0).any(), "the case should include inactive top-k slots"
