@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
-from saelib.saes.sparse_ops import gather_preacts, sparse_decode
+from saelib.saes.sparse_ops import LatentBags, gather_preacts, sparse_decode
 
 # AuxK over the dead latents with dense products while they number at most this many times
 # k_aux (TopKSAE.decode_aux): on CPU (d_in 576, k_aux 288, batch 1024) it took a third of the
@@ -53,17 +53,22 @@ class TopKSAE(SAE):
         return self.config.k
 
     def forward(self, x: Tensor, k: int | None = None) -> SAEOutput:
-        acts, indices, pre_acts = self.encode(x, k)
-        return SAEOutput(self.decode(acts, indices), acts, indices, self.d_sae, pre_acts)
+        acts, indices, pre_acts, bags = self._encode(x, k)
+        recon = sparse_decode(acts, indices, self.W_dec, bags) + self.b_dec
+        return SAEOutput(recon, acts, indices, self.d_sae, pre_acts)
 
     def encode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(acts, indices, detached dense pre-activations) of the top-k latents per row."""
+        return self._encode(x, k)[:3]
+
+    def _encode(self, x: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor, LatentBags]:
         centred = x - self.b_dec
         with torch.no_grad():
             pre_acts = torch.addmm(self.b_enc, centred, self.W_enc.T)
         values, indices = pre_acts.topk(k or self.k, dim=-1, sorted=False)
-        acts = torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices))
-        return acts, indices, pre_acts
+        bags = LatentBags(indices, self.d_sae)  # one grouping for both weight gradients
+        acts = gather_preacts(centred, self.W_enc, self.b_enc, values, indices, bags)
+        return torch.relu(acts), indices, pre_acts, bags
 
     def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
         return sparse_decode(acts, indices, self.W_dec) + self.b_dec
