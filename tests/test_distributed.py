@@ -1,7 +1,8 @@
 """Training over 2 CPU processes (gloo): data parallel gives the weights of one process with the
 global batch, and resumes; SAE parallel gives each SAE's weights trained alone, each checkpoint
 written once, through the torchrun launcher; a batch that does not split is refused; without a
-process group, parallel="data" trains as "none"."""
+process group, parallel="data" trains as "none". A harvest shared by 2 processes writes the
+cache a one-process harvest writes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import distributed as dist
 from torch import multiprocessing
 
+from saelib.activations import HarvestConfig, harvest
 from saelib.saes import TopKConfig, TopKSAE
 from saelib.training import SAESpec, StepInfo, TopKLoss, TrainConfig, distributed, train_saes
 from saelib.training import loop as training_loop
@@ -187,6 +189,28 @@ def train_grid(rank: int, tmp: str) -> None:
     torch.save({"results": summary(results)}, Path(tmp) / f"grid{rank}.pt")
 
 
+# the real embedded model over a few wiki documents; small shards, so each process writes several
+HARVEST = HarvestConfig(
+    model="smollm2-135m", layer=2, dataset="wiki", positions="all", max_tokens=600,
+    context_length=48, batch_size=4, shard_size=128,
+)  # fmt: skip
+COLUMNS = ("acts", "doc_index", "position", "token_id")
+
+
+def sharded_harvest_job(rank: int, tmp: Path) -> None:
+    assert distributed.init_from_env()
+    first = harvest(HARVEST, progress=False, cache_dir=tmp / "cache")
+    again = harvest(HARVEST, progress=False, cache_dir=tmp / "cache")
+    dist.destroy_process_group()
+    outcome = {
+        "columns": {name: getattr(first, name) for name in COLUMNS},
+        "from_cache": (first.from_cache, again.from_cache),
+        "shards": [entry["name"] for entry in first.meta["shards"]],
+        "n_documents": first.meta["n_documents_read"],
+    }
+    torch.save(outcome, tmp / f"rank{rank}.pt")
+
+
 # --- the tests ----------------------------------------------------------------------------------
 
 
@@ -275,3 +299,20 @@ def test_parallel_data_without_a_process_group_trains_as_none():
         for key, value in plain[name]["state"].items():
             assert torch.equal(data[name]["state"][key], value), f"{name}.{key}"
         assert data[name]["history"] == plain[name]["history"]
+
+
+@pytest.mark.slow
+def test_a_harvest_shared_by_two_processes_equals_a_one_process_harvest(tmp_path):
+    ranks = spawn(sharded_harvest_job, tmp_path)
+    single = harvest(HARVEST, progress=False, cache_dir=tmp_path / "single")
+    assert len(single) == HARVEST.max_tokens
+    for outcome in ranks:
+        for name in ("doc_index", "position", "token_id"):
+            assert torch.equal(outcome["columns"][name], getattr(single, name)), name
+        torch.testing.assert_close(outcome["columns"]["acts"], single.acts)
+        assert outcome["from_cache"] == (False, True)  # harvested once, then read back
+        assert outcome["n_documents"] == single.meta["n_documents_read"]
+    shards = ranks[0]["shards"]
+    assert shards == ranks[1]["shards"]
+    assert {name.split("_")[1] for name in shards} == {"rank000", "rank001"}  # both forwarded
+    assert not list((tmp_path / "cache").glob("*.partial-*"))

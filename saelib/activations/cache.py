@@ -199,8 +199,8 @@ class ShardWriter:
     """Buffers columns and writes fixed-size safetensors shards, recording each one's name, size
     and sha256 for meta.json."""
 
-    def __init__(self, folder: Path, shard_size: int):
-        self.folder, self.shard_size = folder, shard_size
+    def __init__(self, folder: Path, shard_size: int, prefix: str = "shard"):
+        self.folder, self.shard_size, self.prefix = folder, shard_size, prefix
         self.pending: list[dict] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
@@ -224,7 +224,7 @@ class ShardWriter:
         return {key: torch.cat([part[key] for part in self.pending]).contiguous() for key in keys}
 
     def _write(self, columns: dict) -> None:
-        name = f"shard_{len(self.shards):05d}.safetensors"
+        name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
         data = save(columns)
         write_bytes(self.folder / name, data)
         sha256 = hashlib.sha256(data).hexdigest()

@@ -22,6 +22,7 @@ show the context a latent fires in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -152,10 +153,16 @@ def harvest(
 
     A cache that fails its size and checksum check is removed and harvested again with a warning
     (``on_corrupt="rebuild"``), or raises :class:`CorruptCacheError` (``on_corrupt="error"``).
+
+    Under torchrun (a ``torch.distributed`` process group of several processes) every process
+    must call this: they share the forward passes, each taking a contiguous run of the document
+    batches, into one cache equal to a one-process harvest (see :func:`_harvest_in_group`).
     """
     if on_corrupt not in ("rebuild", "error"):
         raise ValueError(f"on_corrupt must be 'rebuild' or 'error', got {on_corrupt!r}")
     folder = cache_folder(config, cache_dir)
+    if _process_group_size() > 1:
+        return _harvest_in_group(config, folder, progress, on_corrupt)
     root = folder.parent
     try:  # without the lock: a final folder only ever appears whole
         cached = _load_if_present(folder, config)
@@ -216,15 +223,7 @@ def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> Ac
 
     The caller holds the key's lock, so ``folder`` does not exist and nobody else writes it.
     """
-    from saelib.lm import load_lm
-
-    lm = load_lm(config.model)
-    check_layer(config.layer, lm.n_layers, config.model)
-    documents = load_documents(config.dataset)
-    if config.positions == "answer" and documents[0].answer_start is None:
-        raise ValueError(
-            f"positions='answer' needs question/answer documents; {config.dataset!r} has none"
-        )
+    lm, documents = _model_and_documents(config)
     staging = new_staging_folder(folder)
     try:
         meta = _harvest_into(staging, lm, documents, config, progress)
@@ -236,6 +235,19 @@ def _harvest_to_cache(config: HarvestConfig, folder: Path, progress: bool) -> Ac
     result = _load(folder, config)
     result.from_cache = False
     return result
+
+
+def _model_and_documents(config: HarvestConfig) -> tuple[Any, list[Document]]:
+    from saelib.lm import load_lm
+
+    lm = load_lm(config.model)
+    check_layer(config.layer, lm.n_layers, config.model)
+    documents = load_documents(config.dataset)
+    if config.positions == "answer" and documents[0].answer_start is None:
+        raise ValueError(
+            f"positions='answer' needs question/answer documents; {config.dataset!r} has none"
+        )
+    return lm, documents
 
 
 def _harvest_into(
@@ -259,6 +271,111 @@ def _harvest_into(
         raise ValueError(f"no tokens matched positions={config.positions!r} in {config.dataset!r}")
     n_documents = min(start + config.batch_size, len(documents))
     return cache_meta(config, collected, n_documents, lm.d_model, writer.close())
+
+
+def _process_group_size() -> int:
+    from torch import distributed
+
+    return distributed.get_world_size() if distributed.is_initialized() else 1
+
+
+def _harvest_in_group(
+    config: HarvestConfig, folder: Path, progress: bool, on_corrupt: OnCorrupt
+) -> ActivationSet:
+    """The harvest shared by every process of the group, sharded by document into one cache.
+
+    Process 0 holds the key's lock throughout and decides whether to harvest. Every process then
+    plans the batches a one-process harvest reads (tokenizer only: how many vectors each batch
+    gives, up to ``max_tokens``), forwards its contiguous run of them (about equal vector counts)
+    and writes its own shards into one staging folder; process 0 lists all shards in batch order
+    in meta.json and renames the folder into place. The vectors, their order and the cache key
+    are a one-process harvest's. All processes then read the cache.
+    """
+    from torch import distributed
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    root = folder.parent
+    with contextlib.ExitStack() as stack:
+        staging = None
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(root / f"{folder.name}.lock"))
+            if _load_or_discard(folder, config, on_corrupt) is None:
+                for leftover in root.glob(f"{folder.name}.partial-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                staging = new_staging_folder(folder)
+        shared = [staging]
+        distributed.broadcast_object_list(shared, src=0)
+        staging = shared[0]
+        if staging is not None:
+            try:
+                lm, documents = _model_and_documents(config)
+                plan = _batch_plan(lm, documents, config)
+                mine = _contiguous_shares(plan, world)[rank]
+                shards = _harvest_batches(staging, lm, documents, config, mine, rank, progress)
+                every = [None] * world
+                distributed.all_gather_object(every, shards)
+                if rank == 0:
+                    shards = [entry for part in every for entry in part]
+                    n_vectors, n_documents = sum(take for _, take in plan), plan[-1][0]
+                    n_documents = min(n_documents + config.batch_size, len(documents))
+                    meta = cache_meta(config, n_vectors, n_documents, lm.d_model, shards)
+                    write_json(staging / META, meta)
+                    os.rename(staging, folder)
+            except BaseException:
+                if rank == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+        distributed.barrier()  # the cache is in place before anyone reads it
+    result = _load(folder, config)
+    result.from_cache = staging is None
+    return result
+
+
+def _batch_plan(lm, documents: list[Document], config: HarvestConfig) -> list[tuple[int, int]]:
+    """(first document, vectors kept) of each batch a one-process harvest forwards, in order:
+    the tokenizer alone says how many vectors a batch gives; the last batch is cut at
+    ``max_tokens``."""
+    plan, collected = [], 0
+    for start in range(0, len(documents), config.batch_size):
+        _, keep = _encode(lm, documents[start : start + config.batch_size], config)
+        take = min(int(keep.sum()), config.max_tokens - collected)
+        plan.append((start, take))
+        collected += take
+        if collected >= config.max_tokens:
+            break
+    if collected == 0:
+        raise ValueError(f"no tokens matched positions={config.positions!r} in {config.dataset!r}")
+    return plan
+
+
+def _contiguous_shares(plan: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """``plan`` cut into ``parts`` contiguous runs of about equal vector counts."""
+    total = sum(take for _, take in plan)
+    shares: list[list[tuple[int, int]]] = [[] for _ in range(parts)]
+    collected = 0
+    for batch in plan:
+        shares[min(parts - 1, collected * parts // max(total, 1))].append(batch)
+        collected += batch[1]
+    return shares
+
+
+def _harvest_batches(
+    staging: Path,
+    lm,
+    documents: list[Document],
+    config: HarvestConfig,
+    batches: list[tuple[int, int]],
+    rank: int,
+    progress: bool,
+) -> list[dict]:
+    """Forward ``batches`` (first document, vectors kept) into this process's own shards."""
+    writer = ShardWriter(staging, config.shard_size, prefix=f"shard_rank{rank:03d}")
+    desc = f"harvest layer {config.layer} (process {rank})"
+    for start, take in tqdm(batches, desc=desc, disable=not progress):
+        columns = _forward_batch(lm, documents[start : start + config.batch_size], start, config)
+        writer.add({key: value[:take] for key, value in columns.items()})
+    return writer.close()
 
 
 def residuals_for_texts(
@@ -297,8 +414,8 @@ def check_layer(layer: int, n_layers: int, model: str) -> None:
         raise ValueError(f"layer {layer} is out of range for {model} (layers 0..{n_layers - 1})")
 
 
-@torch.inference_mode()
-def _forward_batch(lm, batch: list[Document], first_index: int, config: HarvestConfig) -> dict:
+def _encode(lm, batch: list[Document], config: HarvestConfig):
+    """(tokenized batch, (batch, seq) bool mask of the tokens whose vectors are kept)."""
     encoded = lm.tokenizer(
         [doc.text for doc in batch],
         return_tensors="pt",
@@ -312,6 +429,12 @@ def _forward_batch(lm, batch: list[Document], first_index: int, config: HarvestC
     keep = _position_mask(encoded, batch, config.positions)
     if config.skip_first_token:
         keep[:, 0] = False
+    return encoded, keep
+
+
+@torch.inference_mode()
+def _forward_batch(lm, batch: list[Document], first_index: int, config: HarvestConfig) -> dict:
+    encoded, keep = _encode(lm, batch, config)
     with lm.model.trace(
         input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
     ) as tracer:
