@@ -62,14 +62,14 @@ class ProgressiveOrthoParams(SAEStudyParams):
     model: str = "smollm2-135m"
     layer: int = 15  # the middle of SmolLM2-135M's 30 blocks
     dataset: str = "wiki"
-    max_tokens: int = 120_000  # activation vectors harvested (train + validation)
+    max_tokens: int = 64_000  # activation vectors harvested (train + validation)
     context_length: int = 128  # as in the original
     harvest_batch_size: int = 16
-    d_sae: int = 4096  # ~7x d_model 576 (the original: 16384 = 7.1x 2304)
+    d_sae: int = 2048  # 3.6x d_model 576 (the original: 16384 = 7.1x 2304)
     k: int = 40
     runs: list[str] = field(default_factory=lambda: list(RUN_NAMES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    lr: float = 5e-4
+    lr: float = 1e-3
     batch_size: int = 512
     epochs: float = 1.0
     auxk_alpha: float = 1 / 32
@@ -78,17 +78,17 @@ class ProgressiveOrthoParams(SAEStudyParams):
     reconstruction_loss: Literal["l2", "mse", "fvu"] = "l2"
     auxk_form: Literal["per_dim_variance", "error_variance"] = "per_dim_variance"
     checkpoint_every: int = 50  # steps; a run interrupted later resumes from here
-    dead_after_tokens: int = 50_000
+    dead_after_tokens: int = 25_000
     include_diagonal: bool = False  # the original included it (n_jj = 1)
     penalty: Literal["activation", "decoder"] = "activation"  # the original: activation
     static_tau: float = 0.5
     static_weight: float = 0.1
     val_fraction: float = 0.1
-    core_eval_texts: int = 32
+    core_eval_texts: int = 16
     absorption_letters: str = "abcdefghijklmnopqrstuvwxyz"
     absorption_words_per_letter: int = 40  # max; letters with fewer than 20 words are dropped
-    probing_train_per_class: int = 40
-    probing_test_per_class: int = 20
+    probing_train_per_class: int = 20
+    probing_test_per_class: int = 10
     device: str = "auto"
 
     def check(self) -> None:
