@@ -51,13 +51,13 @@ class _GatherPreacts(torch.autograd.Function):
         x, W_enc, indices = ctx.saved_tensors
         grad = grad.to(W_enc.dtype)  # bf16 under autocast; embedding_bag needs the weight's dtype
         grad_x = grad_W = grad_b = None
-        flat_indices = indices.reshape(-1)
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[1]:
             grad_W = _sparse_transpose_matmul(grad, ctx.bags, x)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(W_enc.shape[0]).index_add_(0, flat_indices, grad.reshape(-1))
+        if ctx.needs_input_grad[2]:  # summed bag by bag: no atomic adds (deterministic on CUDA)
+            ones = grad.new_ones(x.shape[0], 1)
+            grad_b = _sparse_transpose_matmul(grad, ctx.bags, ones).squeeze(1)
         return grad_x, grad_W, grad_b, None, None, None
 
 
