@@ -42,7 +42,7 @@ test: setup browser-deps
 	$(PY) -m pytest
 
 lab: setup
-	SAELIB_OUTPUTS=$(CURDIR)/outputs $(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	SAELIB_OUTPUTS=$(CURDIR)/outputs $(PY) -m saelib lab --notebook-dir=notebooks
 
 bench: setup
 	$(PY) benchmarks/topk_step.py

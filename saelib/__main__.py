@@ -1,4 +1,4 @@
-"""Command line: ``python -m saelib {run,fetch,list,report}``."""
+"""Command line: ``python -m saelib {run,fetch,list,lab,report}``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list the studies")
     listing.set_defaults(handler=_list)
+
+    lab = commands.add_parser(
+        "lab", help="JupyterLab on the notebooks (localhost, with a token; as root too)"
+    )
+    lab.add_argument("--notebook-dir", default="notebooks", help="what it serves")
+    lab.add_argument("options", nargs=argparse.REMAINDER, help="more jupyter lab options")
+    lab.set_defaults(handler=_lab)
 
     report = commands.add_parser("report", help="write an HTML index of the runs in outputs/")
     report.add_argument("--outputs", help="the outputs folder (default: ./outputs)")
@@ -118,6 +125,16 @@ def _list(args) -> int:
     for name, study in STUDIES.items():
         print(f"{name}\t{study.description}\t{study.notebook}")
     return 0
+
+
+def _lab(args) -> int:
+    import subprocess
+
+    from saelib.runs.lab import lab_command
+
+    if not Path(args.notebook_dir).is_dir():
+        raise FileNotFoundError(f"--notebook-dir {args.notebook_dir}: no such folder")
+    return subprocess.call(lab_command(args.notebook_dir, *args.options))
 
 
 def _report(args) -> int:

@@ -87,3 +87,22 @@ def test_a_latent_size_too_large_for_memory_is_refused(workdir: Path):
     line = error_line(run_cli(workdir, "progressive_orthogonality", *args))
     pattern = r"error: d_sae=1000000000: training 8 SAE\(s\) on d_in=576 needs about [\d,.]+ GiB"
     assert re.match(pattern, line), line
+
+
+def test_lab_refuses_a_missing_notebook_folder(workdir: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "saelib", "lab", "--notebook-dir", "nowhere"],
+        cwd=workdir, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert error_line(result) == "error: --notebook-dir nowhere: no such folder"
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_lab_serves_localhost_and_allows_root_only_as_root(monkeypatch, uid: int):
+    from saelib.runs import lab
+
+    monkeypatch.setattr(lab.os, "geteuid", lambda: uid)
+    command = lab.lab_command("notebooks", "--no-browser")
+    assert command[1:3] == ["-m", "jupyterlab"] and "--ip=127.0.0.1" in command
+    assert ("--allow-root" in command) == (uid == 0)
+    assert command[-1] == "--no-browser"

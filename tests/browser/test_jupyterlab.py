@@ -14,7 +14,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from saelib.runs.lab import lab_command
 from saelib.runs.runner import kernel_name
 from saelib.studies.record import NOTEBOOKS_DIR
 
@@ -167,13 +167,14 @@ def _free_port() -> int:
 
 
 def _lab_command(root: Path, port: int, token: str) -> list[str]:
-    return [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-        "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+    """``make lab``'s command (as root here, when the tests run as root), with a known port and
+    token and no browser of its own."""
+    return lab_command(
+        root, "--no-browser", f"--port={port}", "--port-retries=0",
+        f"--IdentityProvider.token={token}",
         f"--MultiKernelManager.default_kernel_name={kernel_name()}",
         "--LabApp.news_url=None", "--LabApp.collaborative=False",
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _lab_env(tmp_path: Path) -> dict[str, str]:
