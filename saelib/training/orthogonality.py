@@ -41,6 +41,7 @@ from saelib.saes import SAE, SAEOutput
 from saelib.training.losses import TopKLoss, TrainState
 
 TAU_FLOOR = 1e-3
+ORIGINAL_STEPS = 2441  # the original runs' training steps (batch 2048, ~5M tokens)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class OrthoSchedule:
     tau: Callable[[float], float]
     weight: Callable[[float, float], float]  # (p, warmup factor) -> lambda2
     ema_decay: float | None = None  # weight of the old value; None: no EMA
-    ema_start_step: int = 0
+    ema_start: float = 0.0  # the EMA starts at this fraction of training
     description: str = ""
 
 
@@ -87,8 +88,9 @@ SCHEDULES: dict[str, OrthoSchedule] = {
         lambda p: 0.9 * (1 - 2 * p) if p < 0.5 else 0.001,
         _warmup_only(lambda p: 0.4 * 0.5 * (1 + math.cos(math.pi * p))),
         ema_decay=0.98,
-        ema_start_step=100,
-        description="tau 0.9(1-2p) then 0.001; lambda 0.4 cosine warmup; EMA 0.98 after step 100",
+        ema_start=100 / ORIGINAL_STEPS,  # step 100 of the original's 2,441: 4% of training
+        description="tau 0.9(1-2p) then 0.001; lambda 0.4 cosine warmup; EMA 0.98 from 4% (step "
+        "100 of 2,441)",
     ),
 }  # fmt: skip
 
@@ -122,7 +124,7 @@ class OrthogonalityPenalty:
         with torch.no_grad():  # per entry, its pair's totals: rows where both fire, and B F_ij
             pair_sum = PairSums(pairs.keys, sae.d_sae, self._dense(sae.d_sae))
             together, gram = pair_sum(pairs.both), pair_sum(pairs.product.detach())
-            forward, backward = self._ratios(pairs, together, sae.d_sae, state.step)
+            forward, backward = self._ratios(pairs, together, sae.d_sae, state)
             # c_ij + c_ji: an entry stands for both orderings of its pair (the diagonal for one)
             coefficient = _coefficient(forward, tau) + _coefficient(backward, tau) * (
                 pairs.low != pairs.high
@@ -146,14 +148,14 @@ class OrthogonalityPenalty:
     def _dense(self, d_sae: int) -> bool:
         return d_sae * d_sae * 4 <= self.dense_max_mib * 2**20
 
-    def _ratios(self, pairs: SlotPairs, together: Tensor, d_sae: int, step: int):
+    def _ratios(self, pairs: SlotPairs, together: Tensor, d_sae: int, state: TrainState):
         """(n_low,high, n_high,low) at every entry, through the EMA when the schedule has one."""
         fires = torch.zeros(d_sae, device=pairs.both.device)
         fires.index_add_(0, pairs.latents, pairs.active)
         fires.clamp_(min=1.0)  # a latent that never fires only appears in inactive entries
         low_fires, high_fires = fires[pairs.low], fires[pairs.high]
         decay = self.schedule.ema_decay
-        if decay is None or step < self.schedule.ema_start_step:
+        if decay is None or state.progress < self.schedule.ema_start:
             return together / high_fires, together / low_fires
         if self._ema is None:
             self._ema = self._new_ema(decay, d_sae, pairs.keys.device)
@@ -161,7 +163,7 @@ class OrthogonalityPenalty:
         diagonal = pairs.low == pairs.high  # one ordering only
         increments = torch.cat([pairs.both / high_fires, pairs.both * ~diagonal / low_fires])
         keys = torch.cat([pairs.keys, pairs.high * d_sae + pairs.low])
-        return self._ema.update(keys, (1 - decay) * increments, step).chunk(2)
+        return self._ema.update(keys, (1 - decay) * increments, state.step).chunk(2)
 
     def _new_ema(self, decay: float, d_sae: int, device: torch.device) -> PairEMA | DensePairEMA:
         if self._dense(d_sae):
