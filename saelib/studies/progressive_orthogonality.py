@@ -62,7 +62,7 @@ class ProgressiveOrthoParams(SAEStudyParams):
     model: str = "smollm2-135m"
     layer: int = 15  # the middle of SmolLM2-135M's 30 blocks
     dataset: str = "wiki"
-    max_tokens: int = 64_000  # activation vectors harvested (train + validation)
+    max_tokens: int = 52_000  # activation vectors harvested (train + validation)
     context_length: int = 128  # as in the original
     harvest_batch_size: int = 16
     d_sae: int = 2048  # 3.6x d_model 576 (the original: 16384 = 7.1x 2304)
@@ -84,7 +84,7 @@ class ProgressiveOrthoParams(SAEStudyParams):
     static_tau: float = 0.5
     static_weight: float = 0.1
     val_fraction: float = 0.1
-    core_eval_texts: int = 16
+    core_eval_texts: int = 12
     absorption_letters: str = "abcdefghijklmnopqrstuvwxyz"
     absorption_words_per_letter: int = 40  # max; letters with fewer than 20 words are dropped
     probing_train_per_class: int = 20
