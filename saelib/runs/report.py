@@ -26,9 +26,10 @@ from urllib.parse import quote
 import yaml
 
 from saelib.io import write_text
-from saelib.runs.runner import STATUS_FILE, RunError, read_status
+from saelib.runs.runner import REPORT_SUFFIX, STATUS_FILE, RunError, read_status
 from saelib.studies.record import RESULTS_FILE, Headline, Study
 
+SWEEPS_FOLDER = "sweeps"  # outputs/sweeps/<study>-<id>/: see saelib.runs.sweep
 N_GENERIC = 6  # params / numbers shown for a study this module does not know
 STATUS_NOTES = {
     "running": "the run's process is alive",
@@ -45,6 +46,7 @@ class RunInfo:
     study: str
     folder: Path
     html: Path | None = None
+    report: Path | None = None  # the render for reading: code hidden
     notebook: Path | None = None
     params_file: Path | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +112,11 @@ def scan_outputs(outputs: Path) -> dict[str, list[RunInfo]]:
     outputs = Path(outputs)
     if not outputs.is_dir():
         raise FileNotFoundError(f"no outputs folder {outputs}")
-    studies = {study.name: _subfolders(study, newest_first=True) for study in _subfolders(outputs)}
+    studies = {
+        study.name: _subfolders(study, newest_first=True)
+        for study in _subfolders(outputs)
+        if study.name != SWEEPS_FOLDER  # sweep pages, listed apart
+    }
     return {
         study: [read_run(study, folder) for folder in folders]
         for study, folders in studies.items()
@@ -131,6 +137,7 @@ def read_run(study: str, folder: Path) -> RunInfo:
     except RunError as error:
         run.status_error = str(error)
     run.html = _existing(folder / f"{study}.html") or _first(folder, "*.html")
+    run.report = _existing(folder / f"{study}{REPORT_SUFFIX}")
     run.notebook = _existing(folder / f"{study}.ipynb") or _first(folder, "*.ipynb")
     run.params_file = _existing(folder / "params.yaml")
     if run.params_file is not None:
@@ -349,7 +356,8 @@ def _status_note(run: RunInfo) -> str:
 
 
 def _links(run: RunInfo, base: Path) -> str:
-    targets = [("HTML", run.html), ("notebook", run.notebook), ("params", run.params_file),
+    targets = [("report", run.report), ("HTML", run.html), ("notebook", run.notebook),
+               ("params", run.params_file),
                (run.metrics_file.name if run.metrics_file else "", run.metrics_file)]  # fmt: skip
     links = [
         f'<a href="{html.escape(relative_link(path, base))}">{html.escape(label)}</a>'

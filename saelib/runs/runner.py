@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,15 +110,18 @@ def run_study(
     overrides: dict[str, Any] | None = None,
     outputs: Path | None = None,
     progress: bool = True,
+    on_created: Callable[[Path], None] | None = None,
 ) -> Path:
     """Validate, execute the notebook into a new run folder, render HTML; return the folder.
 
-    A failure re-raises the first error (with a note naming the run folder); an interrupt
-    raises :class:`RunInterrupted`.
+    ``on_created`` is told the folder as soon as it exists. A failure re-raises the first error
+    (with a note naming the run folder); an interrupt raises :class:`RunInterrupted`.
     """
     study = get_study(name)
     params = resolve_params(study, params_file, overrides)  # errors here, before any compute
     run_dir = new_run_dir(name, outputs).absolute()
+    if on_created is not None:
+        on_created(run_dir)
     values = dataclasses.asdict(params)
     with _run_lock(run_dir):
         _execute(
@@ -196,7 +199,8 @@ def _execute(
         with _stop_on_signals():
             if params_yaml is not None:
                 write_text(run_dir / "params.yaml", params_yaml)
-            executed.with_suffix(".html").unlink(missing_ok=True)  # a previous attempt's render
+            for render in (".html", REPORT_SUFFIX):  # a previous attempt's renders
+                executed.with_suffix(render).unlink(missing_ok=True)
             _papermill(study, executed, values | {"output_dir": str(run_dir)}, progress)
             stage = "html"
             render_html(executed)
@@ -346,14 +350,45 @@ def kernel_name() -> str:
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
 
+REPORT_SUFFIX = ".report.html"
+
+
 def render_html(notebook: Path) -> Path:
-    """A self-contained HTML page of an executed notebook (figures embedded as data URIs),
-    written atomically: a render that fails leaves no HTML file."""
+    """Self-contained HTML pages of an executed notebook (figures embedded as data URIs), each
+    written atomically (a render that fails leaves no file): the full render ``<name>.html``,
+    and beside it a report render for reading, ``<name>.report.html`` (:func:`reading_copy`).
+    Returns the full render."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    return write_text(notebook.with_suffix(".html"), body)
+    executed = nbformat.read(notebook, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(executed)
+    full = write_text(notebook.with_suffix(".html"), body)
+    reading = HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
+    )
+    body, _ = reading.from_notebook_node(reading_copy(executed))
+    write_text(notebook.with_suffix(REPORT_SUFFIX), body)
+    return full
+
+
+def reading_copy(notebook):
+    """The notebook as a reader wants it (code is hidden by the exporter): without the return
+    values of helper calls (an ``Out[n]`` of plain text only, such as a saved figure's path)
+    and without stderr (progress bars, warnings); text, tables, figures, cards and errors stay."""
+    import copy
+
+    notebook = copy.deepcopy(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [output for output in cell.outputs if not _helper_noise(output)]
+    return notebook
+
+
+def _helper_noise(output) -> bool:
+    if output.output_type == "execute_result":
+        return set(output.get("data", {})) <= {"text/plain"}
+    return output.output_type == "stream" and output.get("name") == "stderr"
 
 
 # ---------------------------------------------------------------------------------- status

@@ -27,6 +27,22 @@ def test_study_html_shows_figures_and_feature_cards(page, smoke_run, save_screen
         save_screenshot("study_html_cards", full_page=False)
 
 
+def test_report_render_hides_code_and_keeps_figures_and_results(page, smoke_run, save_screenshot):
+    _open_offline(page, smoke_run / "topk_grid.report.html")
+    assert page.locator(".jp-CodeCell .jp-InputArea").count() == 0, "no code is shown"
+    assert page.locator(".jp-MarkdownCell").count() > 0, "the text stays"
+    figures = page.locator("img[src^='data:image/png']")
+    full = smoke_run / "topk_grid.html"
+    assert figures.count() == full.read_text().count('src="data:image/png'), "every figure stays"
+    _check_visible(figures)
+    assert page.evaluate(BROKEN_IMAGES) == []
+    text = page.locator("body").inner_text()
+    assert "PosixPath(" not in text and "<Figure size" not in text, "no helper return values"
+    assert "In [" not in text and "Out[" not in text, "no prompts"
+    assert page.locator("table").count() > 0, "result tables stay"
+    assert save_screenshot("study_report_html")[0].stat().st_size > 10_000
+
+
 def test_explorer_html_shows_feature_cards(page, explorer_notebook_run, save_screenshot):
     _open_offline(page, explorer_notebook_run.with_suffix(".html"))
     cards = page.locator(".saelib-card")
