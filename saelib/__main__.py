@@ -1,4 +1,4 @@
-"""Command line: ``python -m saelib {run,fetch,list,lab,report}``."""
+"""Command line: ``python -m saelib {run,sweep,fetch,list,lab,report}``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--outputs", help="where run folders go (default: ./outputs)")
     run.set_defaults(handler=_run)
+
+    sweep = commands.add_parser(
+        "sweep", help="one run per combination of parameter values, and a page comparing them"
+    )
+    sweep.add_argument("study", nargs="?", help="the study to sweep")
+    sweep.add_argument(
+        "-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUES"),
+        help="a parameter and the YAML list of its values to try",
+    )  # fmt: skip
+    sweep.add_argument("-f", "--params-file", help="YAML params (default: params/<study>.yaml)")
+    sweep.add_argument("--jobs", type=int, default=1, help="members run at once (default 1)")
+    sweep.add_argument("--outputs", help="the outputs folder (default: ./outputs)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep")
+    sweep.add_argument("--member", nargs=2, metavar=("SWEEP_DIR", "INDEX"), help=argparse.SUPPRESS)
+    sweep.set_defaults(handler=_sweep)
 
     fetch = commands.add_parser("fetch", help="fetch the embedded model and datasets")
     fetch.set_defaults(handler=_fetch)
@@ -106,6 +121,33 @@ def _interrupted(name: str, stop) -> int:
 def _print_outputs(name: str, folder: Path, what: str) -> None:
     print(f"{name}: {what} {folder}")
     print(f"  notebook {folder / (name + '.ipynb')}\n  html     {folder / (name + '.html')}")
+
+
+def _sweep(args) -> int:
+    from saelib.runs import sweep
+
+    if args.member:  # one member, in the process the sweep started for it
+        sweep.run_member(Path(args.member[0]), int(args.member[1]))
+        return 0
+    if args.resume:
+        if args.study or args.param or args.params_file:
+            raise ParamsError("--resume continues a sweep as planned; leave out study, -p and -f")
+        folder = Path(args.resume)
+        sweep.read_sweep(folder)
+    else:
+        if args.study is None:
+            raise ParamsError("give a study and -p NAME VALUES, or --resume SWEEP_DIR")
+        grid = {key: parse_override(value, key) for key, value in args.param}
+        outputs = Path(args.outputs) if args.outputs else None
+        folder = sweep.plan_sweep(args.study, grid, args.params_file, outputs)
+    print(f"sweep: {folder}")
+    members = sweep.run_sweep(folder, args.jobs)
+    for member in members:
+        print(
+            f"  {member['status']:>11}  {sweep.describe(member['overrides'])}  {member['run_dir']}"
+        )
+    print(f"  page {folder / sweep.PAGE_FILE}")
+    return 0 if all(member["status"] == sweep.DONE for member in members) else 1
 
 
 def _fetch(args) -> int:
