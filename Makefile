@@ -7,14 +7,22 @@ KERNEL := saelib
 
 .PHONY: setup browser-deps demo test lab bench bench-peers lint clean-venv
 
+# sparsify's and dictionary_learning's wheels (the format round-trip tests and the peers
+# benchmark use them) without their dependency trees (datasets, wandb, umap; dictionary-learning
+# also pins nnsight<0.4, which saelib's nnsight 0.8 excludes): only what their SAE code imports.
+# SAELens comes with its dependencies, from the dev extra.
+PEERS := eai-sparsify==1.3.3 dictionary-learning==0.1.0 einops==0.8.2 natsort==8.4.0 \
+	simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1
+
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first: with it in place, the project's "torch>=2.4" installs nothing more.
 	$(PY) -m pip install $(TORCH_PIN)
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps $(PEERS)
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (saelib)"
 	touch $(STAMP)
 
@@ -47,13 +55,7 @@ lab: setup
 bench: setup
 	$(PY) benchmarks/topk_step.py
 
-# The peers' wheels without their dependency trees (datasets, wandb, umap; dictionary-learning
-# also pins nnsight<0.4, which saelib's nnsight 0.8 excludes): only what their SAE code imports.
-BENCH_PEERS := eai-sparsify==1.3.3 dictionary-learning==0.1.0 einops==0.8.2 natsort==8.4.0 \
-	simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1
-
 bench-peers: setup
-	$(PY) -m pip install --no-deps $(BENCH_PEERS)
 	$(PY) benchmarks/peers.py
 
 lint: setup

@@ -2,6 +2,7 @@
 
 from saelib.saes.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, load_sae
 from saelib.saes.binary import BinaryConfig, BinaryOutput, BinarySAE, topk_target
+from saelib.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelib.saes.relu import ReLUConfig, ReLUSAE
 from saelib.saes.topk import TopKConfig, TopKSAE, geometric_median
 
@@ -9,6 +10,8 @@ __all__ = [
     "BinaryConfig",
     "BinaryOutput",
     "BinarySAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
     "ReLUConfig",
     "ReLUSAE",
     "SAE",
