@@ -412,6 +412,37 @@ def newest_run(outputs: str | Path | None = None) -> Path:
     return max(runs, key=lambda run: (run.name, run.stat().st_mtime))
 
 
+def external_sae(
+    folder: str | Path, model: str | None = None, layer: int | None = None, device: str = "cpu"
+):
+    """An SAE folder in any format (:func:`saelib.saes.formats.load_any`: saelib's, SAELens's,
+    sparsify's, dictionary_learning's), with the model and layer it reads: as given, else as its
+    metadata says (an error naming the parameter when neither does)."""
+    from saelib.saes.formats import load_any
+
+    sae = load_any(folder, device=device)
+    given = {"model": model, "layer": layer}
+    sae.metadata.update({key: value for key, value in given.items() if value is not None})
+    missing = [key for key in given if sae.metadata.get(key) is None]
+    if missing:
+        names = " and ".join(f"{key}=" for key in missing)
+        raise ValueError(f"{folder}: the SAE does not say which {missing} it reads; pass {names}")
+    return sae
+
+
+def external_harvest_config(
+    sae, dataset: str, max_tokens: int | None = None, positions: str | None = None
+):
+    """The activations for the statistics of an SAE folder (:func:`external_sae`): ``dataset``
+    through its model and layer, every position, 20,000 vectors unless told otherwise."""
+    from saelib.activations import HarvestConfig
+
+    return HarvestConfig(
+        model=sae.metadata["model"], layer=int(sae.metadata["layer"]), dataset=dataset,
+        positions=positions or "all", max_tokens=max_tokens or 20_000,
+    )  # fmt: skip
+
+
 def checkpoint_folders(
     run_dir: str | Path, names: list[str] | None = None, n: int = 3
 ) -> dict[str, Path]:

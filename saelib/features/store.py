@@ -30,7 +30,7 @@ from saelib.features.stats import (
     rows_digest,
 )
 from saelib.io import atomic_folder
-from saelib.saes import load_sae
+from saelib.saes.formats import load_any, weights_file
 
 STATS_FOLDER = "feature_stats"  # inside a checkpoint folder
 
@@ -124,22 +124,23 @@ def feature_stats_for_checkpoint(
     progress: bool = True,
     device: str = "cpu",
 ) -> FeatureStats:
-    """Stats of the SAE in ``checkpoint_folder``, cached in ``<checkpoint>/feature_stats/``.
+    """Stats of the SAE in ``checkpoint_folder`` (saelib's checkpoint or another library's
+    format: :func:`saelib.saes.formats.load_any`), cached in ``<checkpoint>/feature_stats/``.
 
     The cache is used when it was made with the same ``config``, the same SAE weights (sha256 of
-    sae.safetensors), the same activation cache key and, when ``activations`` are passed, the
+    its weights file), the same activation cache key and, when ``activations`` are passed, the
     same rows. Otherwise the stats are computed and saved. Without ``activations`` they are
     harvested with :func:`checkpoint_harvest_config` (only if the cache misses); without ``lm``
     the activations' model is loaded (:func:`saelib.lm.load_lm`, cached per process). The SAE
     is loaded on ``device`` for the encoder pass.
     """
     folder = Path(checkpoint_folder)
-    sae = load_sae(folder, device=device)
+    sae = load_any(folder, device=device)
     harvest_config = activations.config if activations is not None else None
     harvest_config = harvest_config or checkpoint_harvest_config(sae.metadata)
     expected = {
         "stats_format": STATS_FORMAT,
-        "sae_sha256": sha256_of(folder / "sae.safetensors"),
+        "sae_sha256": sha256_of(weights_file(folder)),
         "activation_cache_key": harvest_config.cache_key(),
     }
     if activations is not None:

@@ -65,6 +65,15 @@ def load_any(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     )
 
 
+def weights_file(folder: str | Path) -> Path:
+    """The file holding the weights of the SAE in ``folder`` (whatever its format)."""
+    folder = Path(folder)
+    for name in (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, DICTIONARY_LEARNING_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise FormatError(f"{folder}: no SAE weights found")
+
+
 # ---------------------------------------------------------------------------------- SAELens
 
 

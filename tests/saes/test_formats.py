@@ -40,10 +40,23 @@ def randomized(sae):
     return sae
 
 
-def codes_and_recon(sae, x):
+def assert_same_outputs(sae, their_outputs, rtol: float = 1e-5) -> None:
+    """saelib's codes and reconstructions of a batch equal the other library's
+    (``their_outputs(x) -> (codes, reconstruction)``)."""
+    x = batch()
     with torch.no_grad():
         output = sae(x)
-    return output.dense(), output.recon
+        their_codes, their_recon = their_outputs(x)
+    codes = output.dense()
+    assert (codes != 0).any() and (codes == 0).any(), "a code with active and inactive latents"
+    torch.testing.assert_close(codes, their_codes, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(output.recon, their_recon, rtol=rtol, atol=1e-5)
+
+
+def dense_outputs(model):
+    """(codes, reconstruction) of a model whose encode gives the dense code (SAELens,
+    dictionary_learning)."""
+    return lambda x: (model.encode(x), model.decode(model.encode(x)))
 
 
 # ------------------------------------------------------------------------------------ SAELens
@@ -76,14 +89,7 @@ def test_saelib_saved_saes_load_in_saelens_with_the_same_outputs(architecture, t
     theirs = SAE.load_from_disk(tmp_path)
     assert theirs.cfg.architecture() == architecture
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
-    x = batch()
-    codes, recon = codes_and_recon(sae, x)
-    with torch.no_grad():
-        their_codes = theirs.encode(x)
-        their_recon = theirs.decode(their_codes)
-    assert (codes != 0).any() and (codes == 0).any()
-    torch.testing.assert_close(their_codes, codes, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(their_recon, recon, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(sae, dense_outputs(theirs))
 
 
 @pytest.mark.parametrize(
@@ -101,14 +107,7 @@ def test_saelens_saes_load_in_saelib_with_the_same_outputs(architecture, fields,
     theirs.save_model(tmp_path)
     sae = load_any(tmp_path)
     assert sae.metadata["layer"] == 4 and sae.metadata["model"] == "smollm2-135m"
-    x = batch()
-    codes, recon = codes_and_recon(sae, x)
-    with torch.no_grad():
-        their_codes = theirs.encode(x)
-        their_recon = theirs.decode(their_codes)
-    assert (codes != 0).any() and (codes == 0).any()
-    torch.testing.assert_close(codes, their_codes, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(recon, their_recon, rtol=1e-4, atol=1e-5)
+    assert_same_outputs(sae, dense_outputs(theirs), rtol=1e-4)  # folded weights: rounding
 
 
 def _saelens_model(config):
@@ -142,34 +141,30 @@ def sparsify_module(name: str):
     return importlib.import_module(f"sparsify.{name}")
 
 
-def sparsify_outputs(coder, x):
-    with torch.no_grad():
+def sparsify_outputs(coder):
+    def outputs(x):
         encoded = coder.encode(x)
-        recon = coder.decode(encoded.top_acts, encoded.top_indices)
-    codes = torch.zeros(len(x), coder.num_latents)
-    return codes.scatter_(1, encoded.top_indices, encoded.top_acts), recon
+        codes = torch.zeros(len(x), coder.num_latents)
+        codes.scatter_(1, encoded.top_indices, encoded.top_acts)
+        return codes, coder.decode(encoded.top_acts, encoded.top_indices)
+
+    return outputs
 
 
 def test_sparsify_round_trip(tmp_path):
     sparse_coder = sparsify_module("sparse_coder")
     sae = randomized(TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=6)))
     save_sparsify(sae, tmp_path / "mine")
-    theirs = sparse_coder.SparseCoder.load_from_disk(tmp_path / "mine")
-    x = batch()
-    codes, recon = codes_and_recon(sae, x)
-    their_codes, their_recon = sparsify_outputs(theirs, x)
-    torch.testing.assert_close(their_codes, codes, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(their_recon, recon, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(
+        sae, sparsify_outputs(sparse_coder.SparseCoder.load_from_disk(tmp_path / "mine"))
+    )
 
     config = sparse_coder.SparseCoderConfig(num_latents=D_SAE, k=5)
     coder = randomized(sparse_coder.SparseCoder(D_IN, config, "cpu", dtype=torch.float32))
     coder.save_to_disk(tmp_path / "layers.7")  # sparsify names a hookpoint's folder so
     loaded = load_any(tmp_path / "layers.7")
     assert loaded.k == 5 and loaded.metadata["layer"] == 7
-    codes, recon = codes_and_recon(loaded, x)
-    their_codes, their_recon = sparsify_outputs(coder, x)
-    torch.testing.assert_close(codes, their_codes, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(recon, their_recon, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(loaded, sparsify_outputs(coder))
 
 
 def test_dictionary_learning_round_trip(tmp_path):
@@ -178,13 +173,7 @@ def test_dictionary_learning_round_trip(tmp_path):
     sae = randomized(TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=6)))
     save_dictionary_learning(sae, tmp_path / "mine")
     theirs = AutoEncoderTopK.from_pretrained(str(tmp_path / "mine" / "ae.pt"))
-    x = batch()
-    codes, recon = codes_and_recon(sae, x)
-    with torch.no_grad():
-        their_codes = theirs.encode(x)
-        their_recon = theirs.decode(their_codes)
-    torch.testing.assert_close(their_codes, codes, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(their_recon, recon, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(sae, dense_outputs(theirs))
 
     ae = randomized(AutoEncoderTopK(D_IN, D_SAE, 5))
     folder = tmp_path / "theirs"
@@ -193,9 +182,18 @@ def test_dictionary_learning_round_trip(tmp_path):
     (folder / "config.json").write_text(json.dumps({"trainer": {"layer": 9, "lm_name": "m"}}))
     loaded = load_any(folder)
     assert loaded.k == 5 and (loaded.metadata["layer"], loaded.metadata["model"]) == (9, "m")
-    codes, recon = codes_and_recon(loaded, x)
-    with torch.no_grad():
-        their_codes = ae.encode(x)
-        their_recon = ae.decode(their_codes)
-    torch.testing.assert_close(codes, their_codes, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(recon, their_recon, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(loaded, dense_outputs(ae))
+
+
+def test_an_sae_folder_that_does_not_say_its_model_and_layer_needs_them_given(tmp_path):
+    from saelib.features.explorer import external_sae
+
+    save_sparsify(randomized(TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=6))), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"which \['model', 'layer'\] it reads; pass model= and"):
+        external_sae(tmp_path / "x")
+    sae = external_sae(tmp_path / "x", model="smollm2-135m", layer=2)
+    assert (sae.metadata["model"], sae.metadata["layer"], sae.metadata["format"]) == (
+        "smollm2-135m", 2, "sparsify",
+    )  # fmt: skip
+    with pytest.raises(FormatError, match="no SAE found"):
+        load_any(tmp_path)
