@@ -225,3 +225,17 @@ def test_many_saes_share_passes_and_match_single_runs(lm, config, random_result)
     assert together["random"].ce_loss_with_sae == pytest.approx(single.ce_loss_with_sae, rel=1e-5)
     assert together["random"].explained_variance == pytest.approx(single.explained_variance)
     assert together["identity"].kl_div_score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_an_sae_loaded_from_saelens_format_scores_as_the_original(lm, config, tmp_path):
+    """A published SAE's layer comes from its hook name; its scores are the saelib SAE's."""
+    from saelib.saes.formats import load_any, save_saelens
+
+    sae = random_sae(lm.d_model)
+    save_saelens(sae, tmp_path, model_name="smollm2-135m", layer=LAYER)
+    loaded = load_any(tmp_path)
+    assert loaded.metadata["hook_name"] == f"blocks.{LAYER}.hook_resid_post"
+    single = run_core_eval(sae, lm, config=config)
+    again = run_core_eval(loaded, lm, config=config)  # layer from the hook name
+    assert again.kl_div_score == pytest.approx(single.kl_div_score, rel=1e-5)
+    assert again.explained_variance == pytest.approx(single.explained_variance, rel=1e-5)
