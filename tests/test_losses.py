@@ -160,7 +160,8 @@ def test_auxk_dense_path_over_dead_latents_equals_the_sparse_path(make_sae, toy_
         output = sae(x)
         error_hat = sae.decode_aux(x, output.pre_acts, dead, k_aux, dense_factor=dense_factor)
         error_hat.pow(2).sum().backward()
-        results.append((error_hat.detach(), sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad))
+        grads = (sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad)
+        results.append((error_hat.detach(), *grads))
     for sparse, dense in zip(*results, strict=True):
         torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)
     assert results[0][1].abs().sum() > 0

@@ -37,28 +37,32 @@ class _GatherPreacts(torch.autograd.Function):
 
     The forward receives the values already computed by the dense encoder product (under
     no_grad) and just passes them through; the backward builds the encoder gradients from the
-    k selected latents of each row.
+    k selected latents of each row. The input enters as ``x`` and ``b_dec`` (pre = (x - b_dec)
+    W_enc^T + b_enc): b_dec's gradient is then -(b_enc's gradient) W_enc, a vector times the
+    encoder, and the input's own gradient is only formed when ``x`` requires one.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, values, indices, bags: LatentBags):
-        ctx.save_for_backward(x, W_enc, indices)
+    def forward(ctx, x, b_dec, W_enc, b_enc, values, indices, bags: LatentBags):
+        ctx.save_for_backward(x, b_dec, W_enc, indices)
         ctx.bags = bags
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W_enc, indices = ctx.saved_tensors
+        x, b_dec, W_enc, indices = ctx.saved_tensors
         grad = grad.to(W_enc.dtype)  # bf16 under autocast; embedding_bag needs the weight's dtype
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
+        needs_x, needs_b_dec, needs_W, needs_b = ctx.needs_input_grad[:4]
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        if needs_x:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = _sparse_transpose_matmul(grad, ctx.bags, x)
-        if ctx.needs_input_grad[2]:  # summed bag by bag: no atomic adds (deterministic on CUDA)
-            ones = grad.new_ones(x.shape[0], 1)
-            grad_b = _sparse_transpose_matmul(grad, ctx.bags, ones).squeeze(1)
-        return grad_x, grad_W, grad_b, None, None, None
+        if needs_W:
+            grad_W = _sparse_transpose_matmul(grad, ctx.bags, x - b_dec)
+        if needs_b or needs_b_dec:  # per-latent sums bag by bag: no atomic adds (CUDA-stable)
+            per_latent = _sparse_transpose_matmul(grad, ctx.bags, grad.new_ones(len(x), 1))
+            grad_b = per_latent.squeeze(1)
+            grad_b_dec = -(grad_b @ W_enc) if needs_b_dec else None
+        return grad_x, grad_b_dec, grad_W, grad_b if needs_b else None, None, None, None
 
 
 def _sparse_transpose_matmul(values: Tensor, bags: LatentBags, x: Tensor) -> Tensor:
@@ -76,15 +80,17 @@ def _sparse_transpose_matmul(values: Tensor, bags: LatentBags, x: Tensor) -> Ten
 
 def gather_preacts(
     x: Tensor,
+    b_dec: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
     values: Tensor,
     indices: Tensor,
     bags: LatentBags | None = None,
 ) -> Tensor:
-    """Differentiable ``(x @ W_enc.T + b_enc).gather(1, indices)`` given its ``values``."""
+    """Differentiable ``((x - b_dec) @ W_enc.T + b_enc).gather(1, indices)`` given its
+    ``values``."""
     bags = bags or LatentBags(indices, W_enc.shape[0])
-    return _GatherPreacts.apply(x, W_enc, b_enc, values, indices, bags)
+    return _GatherPreacts.apply(x, b_dec, W_enc, b_enc, values, indices, bags)
 
 
 def sparse_decode(

@@ -62,12 +62,11 @@ class TopKSAE(SAE):
         return self._encode(x, k)[:3]
 
     def _encode(self, x: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor, LatentBags]:
-        centred = x - self.b_dec
         with torch.no_grad():
-            pre_acts = torch.addmm(self.b_enc, centred, self.W_enc.T)
+            pre_acts = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
         values, indices = pre_acts.topk(k or self.k, dim=-1, sorted=False)
         bags = LatentBags(indices, self.d_sae)  # one grouping for both weight gradients
-        acts = gather_preacts(centred, self.W_enc, self.b_enc, values, indices, bags)
+        acts = gather_preacts(x, self.b_dec, self.W_enc, self.b_enc, values, indices, bags)
         return torch.relu(acts), indices, pre_acts, bags
 
     def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
@@ -77,8 +76,8 @@ class TopKSAE(SAE):
         """Top-``k_aux`` latents among the ``dead`` ones (for the AuxK loss)."""
         masked = pre_acts.masked_fill(~dead, float("-inf"))
         values, indices = masked.topk(min(k_aux, int(dead.sum())), dim=-1, sorted=False)
-        centred = x - self.b_dec
-        return torch.relu(gather_preacts(centred, self.W_enc, self.b_enc, values, indices)), indices
+        acts = gather_preacts(x, self.b_dec, self.W_enc, self.b_enc, values, indices)
+        return torch.relu(acts), indices
 
     def decode_aux(
         self,
@@ -101,8 +100,11 @@ class TopKSAE(SAE):
         if len(dead_ids) > dense_factor * k_aux:
             acts, indices = self.encode_aux(x, pre_acts, dead, k_aux)
             return sparse_decode(acts, indices, self.W_dec)
-        centred = x - self.b_dec
-        acts = torch.relu(torch.addmm(self.b_enc[dead_ids], centred, self.W_enc[dead_ids].T))
+        W_dead = self.W_enc[dead_ids]
+        # (x - b_dec) W^T + b as x W^T + (b - b_dec W^T): the data needs no gradient, so b_dec's
+        # is a vector times W instead of a (batch x dead) x (dead x d_in) product
+        bias = self.b_enc[dead_ids] - W_dead @ self.b_dec
+        acts = torch.relu(torch.addmm(bias, x, W_dead.T))
         if k_aux < len(dead_ids):
             with torch.no_grad():
                 chosen = pre_acts[:, dead_ids].topk(k_aux, dim=-1, sorted=False).indices
