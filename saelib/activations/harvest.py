@@ -175,10 +175,15 @@ def harvest(
         cached = _load_or_discard(folder, config, on_corrupt)  # another process may have built it
         if cached is not None:
             return cached
-        # only the lock holder writes this key's staging folders: any found are from a killed run
-        for leftover in root.glob(f"{folder.name}.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        _remove_leftover_staging(folder)
         return _harvest_to_cache(config, folder, progress)
+
+
+def _remove_leftover_staging(folder: Path) -> None:
+    """Called with the key's lock held: only its holder writes this key's staging folders, so
+    any found are from a killed harvest."""
+    for leftover in folder.parent.glob(f"{folder.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _load_if_present(folder: Path, config: HarvestConfig) -> ActivationSet | None:
@@ -301,8 +306,7 @@ def _harvest_in_group(
             root.mkdir(parents=True, exist_ok=True)
             stack.enter_context(exclusive_lock(root / f"{folder.name}.lock"))
             if _load_or_discard(folder, config, on_corrupt) is None:
-                for leftover in root.glob(f"{folder.name}.partial-*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
+                _remove_leftover_staging(folder)
                 staging = new_staging_folder(folder)
         shared = [staging]
         distributed.broadcast_object_list(shared, src=0)
@@ -317,8 +321,8 @@ def _harvest_in_group(
                 distributed.all_gather_object(every, shards)
                 if rank == 0:
                     shards = [entry for part in every for entry in part]
-                    n_vectors, n_documents = sum(take for _, take in plan), plan[-1][0]
-                    n_documents = min(n_documents + config.batch_size, len(documents))
+                    n_vectors = sum(take for _, take in plan)
+                    n_documents = min(plan[-1][0] + config.batch_size, len(documents))
                     meta = cache_meta(config, n_vectors, n_documents, lm.d_model, shards)
                     write_json(staging / META, meta)
                     os.rename(staging, folder)

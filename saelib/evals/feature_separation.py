@@ -42,7 +42,7 @@ from torch import Tensor
 
 from saelib.io import write_json
 from saelib.saes import SAE
-from saelib.saes.coactivation import active_pair_keys, ordered_pairs
+from saelib.saes.coactivation import active_pair_keys, count_pairs, ordered_pairs
 
 if TYPE_CHECKING:
     from saelib.training import StepInfo
@@ -118,9 +118,8 @@ def coactivation_pairs(
     """(i, j, n_ij, count_j): every ordered co-occurring pair of latents on ``acts``, in order of
     i * d_sae + j. ``count_j`` (d_sae,) is how many samples each latent is active on.
 
-    The pairs of active slots (:func:`saelib.saes.coactivation.active_pair_keys`) are taken in
-    chunks of rows of about ``max_pair_entries`` slot pairs and counted as they go (bounded
-    memory).
+    The pairs of active slots are taken in chunks of rows of about ``max_pair_entries`` slot
+    pairs and counted as they go (:class:`_PairCounter`; bounded memory).
     """
     if len(acts) == 0:
         raise ValueError("co-activation statistics need at least one activation vector")
@@ -134,7 +133,7 @@ def coactivation_pairs(
         for chunk_acts, chunk_indices in zip(
             output.acts.split(rows_per_chunk), output.indices.split(rows_per_chunk), strict=True
         ):
-            counter.add(active_pair_keys(chunk_acts, chunk_indices, sae.d_sae)[0])
+            counter.add(chunk_acts, chunk_indices)
     i, j, together = counter.ordered_pairs()
     return i, j, together.double() / fired[j], fired  # float64: exact ratios sit on bin edges
 
@@ -153,12 +152,15 @@ class _PairCounter:
         self.keys: list[Tensor] = []
         self.counts: list[Tensor] = []
 
-    def add(self, keys: Tensor) -> None:
+    def add(self, acts: Tensor, indices: Tensor) -> None:
+        """Count the pairs of active slots of the rows of a code's ``(acts, indices)``."""
         if self.table is not None:
+            keys = active_pair_keys(acts, indices, self.d_sae)[0]
             self.table.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
             return
-        self.keys.append(keys)
-        self.counts.append(torch.ones_like(keys))
+        pairs = count_pairs(acts, indices, self.d_sae)
+        self.keys.append(pairs.keys)
+        self.counts.append(pairs.counts)
         if sum(len(part) for part in self.keys) > 4 * self.max_pair_entries:
             self._merge()  # bounds the memory
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import itertools
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 
 from saelib.io import exclusive_lock, write_json, write_text
 from saelib.params import ParamsError
-from saelib.runs.report import CSS, SWEEPS_FOLDER, read_run
+from saelib.runs.report import CSS, SWEEPS_FOLDER, read_run, relative_link
 from saelib.runs.runner import (
     RunError,
     get_study,
@@ -210,12 +209,11 @@ def _headline_number(text: str) -> float | None:
 def _figure(folder: Path, swept: list[str], rows: list[dict[str, Any]]) -> Path | None:
     """Each headline number against the first swept parameter (hue: the others), complete
     members only; None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import pandas as pd
     import seaborn as sns
     from matplotlib import pyplot as plt
+
+    from saelib.runs.plots import save_figure
 
     records = []
     for row in rows:
@@ -250,8 +248,7 @@ def _figure(folder: Path, swept: list[str], rows: list[dict[str, Any]]) -> Path 
             axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title=", ".join(swept[1:]) or None
         )
     figure.tight_layout()
-    path = folder / FIGURE_FILE
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    path = save_figure(figure, folder, Path(FIGURE_FILE).stem)
     plt.close(figure)
     return path
 
@@ -299,10 +296,5 @@ def _render(
 def _run_link(folder: Path, run) -> str:
     if run is None:
         return ""
-    target = run.html or run.folder
-    relative = Path(_relative(target, folder))
-    return f"<a class='run' href='{html.escape(str(relative))}'>{html.escape(run.run_id)}</a>"
-
-
-def _relative(target: Path, base: Path) -> str:
-    return os.path.relpath(target, base)
+    link = html.escape(relative_link(run.html or run.folder, folder))
+    return f"<a class='run' href='{link}'>{html.escape(run.run_id)}</a>"
