@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
-from saelib.saes.sparse_ops import LatentBags, gather_preacts, sparse_decode
+from saelib.saes.sparse_ops import LatentBags, gather_preacts, sparse_decode, top_k
 
 # AuxK over the dead latents with dense products while they number at most this many times
 # k_aux (TopKSAE.decode_aux): on CPU (d_in 576, k_aux 288, batch 1024) it took a third of the
@@ -64,7 +64,7 @@ class TopKSAE(SAE):
     def _encode(self, x: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor, LatentBags]:
         with torch.no_grad():
             pre_acts = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
-        values, indices = pre_acts.topk(k or self.k, dim=-1, sorted=False)
+        values, indices = top_k(pre_acts, k or self.k)
         bags = LatentBags(indices, self.d_sae)  # one grouping for both weight gradients
         acts = gather_preacts(x, self.b_dec, self.W_enc, self.b_enc, values, indices, bags)
         return torch.relu(acts), indices, pre_acts, bags

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saelib.saes import TopKConfig, TopKSAE, geometric_median, load_sae
-from saelib.saes.sparse_ops import dense_latents
+from saelib.saes.sparse_ops import dense_latents, top_k
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -39,9 +39,10 @@ def test_sparse_decode_equals_dense_formula(make_sae):
     torch.testing.assert_close(sae.decode(acts, indices), dense, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [4, 40])  # k=40 of 64 selects many negative pre-activations
-def test_sparse_gradients_match_dense_reference(make_sae, k):
-    sae = _randomise_biases(make_sae(d_in=16, d_sae=64, k=k))
+# k=40 of 64 selects many negative pre-activations; k=6 of 256 takes top_k's chunked path
+@pytest.mark.parametrize(("d_sae", "k"), [(64, 4), (64, 40), (256, 6)])
+def test_sparse_gradients_match_dense_reference(make_sae, d_sae, k):
+    sae = _randomise_biases(make_sae(d_in=16, d_sae=d_sae, k=k))
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(48, 16, generator=generator)
     target = torch.randn(48, 16, generator=generator)
@@ -61,6 +62,19 @@ def test_sparse_gradients_match_dense_reference(make_sae, k):
     for name in names:
         torch.testing.assert_close(getattr(sae, name).grad, params[name].grad, **TOL)
     torch.testing.assert_close(x_sparse.grad, x_dense.grad, **TOL)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 16])  # chunked: on two levels for k=1, on one for 5, 16
+def test_top_k_selects_the_k_largest_values(k, ties):
+    pre = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    if ties:  # few distinct values: ties at every row's k-th largest
+        pre = pre.mul(2).round()
+    values, indices = top_k(pre, k)
+    expected = pre.topk(k, dim=-1).values
+    assert torch.equal(values.sort(dim=1).values, expected.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct latents per row
 
 
 @pytest.mark.parametrize("k", [0, 65])
