@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
         help="override one parameter (VALUE is read as YAML: 5, 1e-3, [5, 10], text)",
     )  # fmt: skip
     run.add_argument("--outputs", help="where run folders go (default: ./outputs)")
+    run.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="run the notebook on N processes under torchrun (one per GPU; default 1)",
+    )  # fmt: skip
+    run.add_argument(
+        "--parallel", choices=("sae", "data"), default="sae",
+        help="with --processes: deal the SAEs out to the processes (sae, default) or split "
+        "each batch over them (data)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
     sweep = commands.add_parser(
@@ -74,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    from saelib.runs.launch import RunFailed
     from saelib.runs.runner import RunInterrupted, get_study, run_study
     from saelib.studies import STUDIES
 
@@ -90,14 +100,18 @@ def _run(args) -> int:
     for name in names:
         try:
             outputs = Path(args.outputs) if args.outputs else None
-            folder = run_study(name, args.params_file, overrides, outputs=outputs)
+            folder = run_study(name, args.params_file, overrides, outputs=outputs,
+                               processes=args.processes, parallel=args.parallel)  # fmt: skip
         except RunInterrupted as stop:
             return _interrupted(name, stop)
+        except RunFailed as failure:
+            return _failed(name, failure)
         _print_outputs(name, folder, "outputs in")
     return 0
 
 
 def _resume(args) -> int:
+    from saelib.runs.launch import RunFailed
     from saelib.runs.runner import RunInterrupted, read_status, resume_run
 
     if args.params_file or args.param:
@@ -105,9 +119,12 @@ def _resume(args) -> int:
     if args.study == "all":
         raise ParamsError("--resume resumes one run; leave out the study or name the run's")
     try:
-        folder = resume_run(args.resume, args.study)
+        folder = resume_run(args.resume, args.study, processes=args.processes,
+                            parallel=args.parallel)  # fmt: skip
     except RunInterrupted as stop:
         return _interrupted(read_status(stop.run_dir)["study"], stop)
+    except RunFailed as failure:
+        return _failed(read_status(failure.run_dir)["study"], failure)
     _print_outputs(read_status(folder)["study"], folder, "resumed; outputs in")
     return 0
 
@@ -116,6 +133,12 @@ def _interrupted(name: str, stop) -> int:
     command = f"python -m saelib run --resume {stop.run_dir}"
     print(f"{name}: interrupted ({stop.reason}); resume with: {command}", file=sys.stderr)
     return 130
+
+
+def _failed(name: str, failure) -> int:
+    command = f"python -m saelib run --resume {failure.run_dir}"
+    print(f"{name}: failed: {failure}; resume with: {command}", file=sys.stderr)
+    return 1
 
 
 def _print_outputs(name: str, folder: Path, what: str) -> None:

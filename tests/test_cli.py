@@ -106,3 +106,16 @@ def test_lab_serves_localhost_and_allows_root_only_as_root(monkeypatch, uid: int
     assert command[1:3] == ["-m", "jupyterlab"] and "--ip=127.0.0.1" in command
     assert ("--allow-root" in command) == (uid == 0)
     assert command[-1] == "--no-browser"
+
+
+def test_a_process_count_below_one_is_refused(workdir: Path):
+    line = error_line(run_cli(workdir, "topk_grid", "-f", GRID_SMOKE, "--processes", "0"))
+    assert line == "error: processes must be a whole number >= 1, got 0"
+
+
+def test_data_parallel_is_refused_for_a_study_whose_losses_keep_batch_statistics(workdir: Path):
+    result = run_cli(workdir, "progressive_orthogonality", "-f", ORTHO_SMOKE,
+                     "--processes", "2", "--parallel", "data")  # fmt: skip
+    line = error_line(result)
+    assert line.startswith("error: progressive_orthogonality trains losses that keep statistics")
+    assert line.endswith("run it with parallel 'sae'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,15 @@ from torch import distributed as dist
 from torch import multiprocessing
 
 from saelib.activations import HarvestConfig, harvest
-from saelib.saes import TopKConfig, TopKSAE
+from saelib.runs.runner import read_status, run_study
+from saelib.saes import ReLUConfig, ReLUSAE, TopKConfig, TopKSAE
+from saelib.sparse.masks import MaskedLinear
+from saelib.studies import STUDIES
 from saelib.training import SAESpec, StepInfo, TopKLoss, TrainConfig, distributed, train_saes
 from saelib.training import loop as training_loop
+from saelib.training.l1 import L1Loss
+from saelib.training.ordering import OrderingLoss
+from saelib.training.orthogonality import OrthogonalTopKLoss, make_penalty
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -63,10 +70,23 @@ FVU_ERROR_VARIANCE = TopKLoss(reconstruction="fvu", auxk_form="error_variance")
 
 
 def data_parallel_specs() -> list[SAESpec]:
+    relu = ReLUSAE(ReLUConfig(d_in=16, d_sae=64), generator=torch.Generator().manual_seed(2))
     return [  # wide with k=2: latents go dead, so AuxK and the dead-latent counter take part
         SAESpec("auxk", topk_sae(d_sae=128, k=2, seed=0)),  # the stock loss: l2 + AuxK
         SAESpec("fvu", topk_sae(d_sae=128, k=2, seed=1), FVU_ERROR_VARIANCE),
+        # its coefficient follows the batch's mean cosine: the global batch's on each process
+        SAESpec("l1", relu, L1Loss(l1_coefficient=1e-2, adaptive=True)),
     ]
+
+
+TOPK_SPECS = ("auxk", "fvu")
+
+
+def inexact_specs() -> list[SAESpec]:
+    """Losses that keep statistics of the rows they see: refused in data parallel."""
+    ortho = OrthogonalTopKLoss(make_penalty("static"))
+    return [SAESpec("ordering", topk_sae(), OrderingLoss(TopKLoss())),
+            SAESpec("ortho", topk_sae(), ortho)]  # fmt: skip
 
 
 def sae_parallel_specs() -> list[SAESpec]:
@@ -149,21 +169,34 @@ def data_parallel_job(rank: int, tmp: Path) -> None:
     with pytest.warns(UserWarning, match="diverged at step 6"):
         diverged = summary(train(specs, config, tmp / "diverged"))
     saves_diverged = list(saves)
-    try:
-        train(data_parallel_specs(), small_config(parallel="data", batch_size=63))
-        refusal = ""
-    except ValueError as error:
-        refusal = str(error)
+    refusals = [
+        refusal(data_parallel_specs(), small_config(parallel="data", batch_size=63)),
+        *(refusal([spec], config, tmp / "refused") for spec in inexact_specs()),
+    ]
+    masked = MaskedLinear(3, 2)  # RigL grows where its dense gradient (kept aside) is large
+    masked.dense_grad = torch.full((2, 3), float(rank + 1))
+    distributed.sum_gradients(masked, weight=0.5)
     outcome = {
+        "kept_gradient": masked.dense_grad,
         "full": full,
         "resumed": resumed,
         "saves": saves_full,
         "diverged": diverged,
         "saves_diverged": saves_diverged,
-        "refusal": refusal,
+        "refusals": refusals,
+        "refused_wrote": (tmp / "refused").exists(),
     }
     dist.destroy_process_group()
     torch.save(outcome, tmp / f"rank{rank}.pt")
+
+
+def refusal(specs, config, checkpoint_dir=None) -> str:
+    """The one-line refusal of ``train``, "" when it trained."""
+    try:
+        train(specs, config, checkpoint_dir)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def sae_parallel_job(rank: int, tmp: Path) -> None:
@@ -246,11 +279,13 @@ def test_data_parallel_trains_the_weights_of_one_process_and_resumes(tmp_path):
             assert torch.equal(resumed["state"][key], zero["state"][key]), f"{name}.{key}"
         assert resumed["history"] == zero["history"]
 
-    for name in alone:  # latents went dead: AuxK (both forms) took part
+    for name in TOPK_SPECS:  # latents went dead: AuxK (both forms) took part
         dead = [entry["dead_fraction"] for entry in alone[name]["history"]]
         assert max(dead) > 0 and any(entry["auxk"] > 0 for entry in alone[name]["history"])
+    coefficients = {entry["l1_coefficient"] for entry in alone["l1"]["history"]}
+    assert len(coefficients) > 10  # the adaptive coefficient moved with the batches
     assert ranks[1]["saves"] == []  # process 0 alone writes checkpoints
-    assert ranks[0]["saves"] == ["auxk", "fvu"] * 7  # every 5 steps, and at the end
+    assert ranks[0]["saves"] == ["auxk", "fvu", "l1"] * 7  # every 5 steps, and at the end
     for name in alone:
         config = json.loads((tmp_path / "full" / name / "config.json").read_text())
         assert config["trained_steps"] == 32 and config["train_config"]["parallel"] == "data"
@@ -264,18 +299,25 @@ def test_data_parallel_trains_the_weights_of_one_process_and_resumes(tmp_path):
     assert zero["fvu"]["status"] == "complete"
     assert_close_states(zero["fvu"]["state"], alone["fvu"]["state"])
     assert ranks[1]["saves_diverged"] == []
-    assert ranks[0]["saves_diverged"] == ["nan", "fvu", "nan", *["fvu"] * 6]
+    assert ranks[0]["saves_diverged"] == ["nan", "fvu", "l1", "nan", *["fvu", "l1"] * 6]
 
-    for outcome in ranks:
-        assert "batch_size=63" in outcome["refusal"] and "\n" not in outcome["refusal"]
+    for outcome in ranks:  # summed as gradients are: the global batch's on each process
+        assert torch.equal(outcome["kept_gradient"], torch.full((2, 3), 1.5))
+
+    for outcome in ranks:  # refused in one line, before any step or checkpoint
+        batch, ordering, ortho = outcome["refusals"]
+        assert "batch_size=63" in batch
+        assert "'ordering' (OrderingLoss)" in ordering and "parallel='sae'" in ordering
+        assert "'ortho' (OrthogonalTopKLoss)" in ortho
+        assert all(text and "\n" not in text for text in outcome["refusals"])
+        assert not outcome["refused_wrote"]
 
 
 def test_sae_parallel_trains_each_sae_as_alone_and_writes_each_checkpoint_once(tmp_path):
     ranks = spawn(sae_parallel_job, tmp_path)
 
-    # spec i on process i % 2; process 0 also returns the others', from their checkpoints
-    assert list(ranks[0]["results"]) == ["a", "b", "c"]
-    assert list(ranks[1]["results"]) == ["b"]
+    # spec i on process i % 2; each process also returns the others', from their checkpoints
+    assert list(ranks[0]["results"]) == list(ranks[1]["results"]) == ["a", "b", "c"]
     assert ranks[0]["saves"] == ["a", "c"] and ranks[1]["saves"] == ["b"]
     for spec in sae_parallel_specs():
         [alone] = summary(train([spec], small_config())).values()
@@ -294,7 +336,7 @@ def test_parallel_data_without_a_process_group_trains_as_none():
     assert small_config(parallel="data").identity() == small_config().identity()
     data = summary(train(data_parallel_specs(), small_config(parallel="data", batch_size=63)))
     plain = summary(train(data_parallel_specs(), small_config(batch_size=63)))
-    assert data.keys() == plain.keys() == {"auxk", "fvu"}
+    assert data.keys() == plain.keys() == {"auxk", "fvu", "l1"}
     for name in data:
         for key, value in plain[name]["state"].items():
             assert torch.equal(data[name]["state"][key], value), f"{name}.{key}"
@@ -316,3 +358,45 @@ def test_a_harvest_shared_by_two_processes_equals_a_one_process_harvest(tmp_path
     assert shards == ranks[1]["shards"]
     assert {name.split("_")[1] for name in shards} == {"rank000", "rank001"}  # both forwarded
     assert not list((tmp_path / "cache").glob("*.partial-*"))
+
+
+def study_rows(run_dir: Path) -> list[dict]:
+    """A run's per-seed results, less their timings."""
+    rows = json.loads((run_dir / "results.json").read_text())["per_seed"]
+    return [{key: value for key, value in row.items() if "seconds" not in key} for row in rows]
+
+
+def verdicts(run_dir: Path) -> list[bool]:
+    claims = json.loads((run_dir / "results.json").read_text())["claims"]
+    return [claim["holds"] for claim in claims]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("parallel", "tolerance"), [("sae", 1e-5), ("data", 1e-4)])
+def test_a_study_notebook_on_two_processes_gives_the_one_process_results(
+    smoke_run, tmp_path, parallel, tolerance
+):
+    """``python -m saelib run --processes 2``: the unchanged notebook under torchrun. SAE mode
+    differs from one process only by the thread count's rounding; data mode by the gradient
+    sum's."""
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("saelib-topk_grid-process*"))
+    smoke = STUDIES["topk_grid"].smoke_params
+    run_dir = run_study("topk_grid", smoke, outputs=tmp_path, progress=False, processes=2,
+                        parallel=parallel)  # fmt: skip
+
+    assert read_status(run_dir)["status"] == "complete"
+    assert (run_dir / "topk_grid.html").is_file() and (run_dir / "topk_grid.report.html").is_file()
+    names = sorted(path.name for path in (smoke_run / "checkpoints").iterdir())
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == names
+    worst = 0.0
+    for row, expected in zip(study_rows(run_dir), study_rows(smoke_run), strict=True):
+        assert row.keys() == expected.keys() and row["status"] == expected["status"]
+        for key, value in expected.items():
+            if isinstance(value, float):
+                worst = max(worst, abs(row[key] - value) / max(abs(value), 1.0))
+    print(f"{parallel}: max difference from one process {worst:.2g} (relative above 1)")
+    assert worst <= tolerance
+    assert verdicts(run_dir) == verdicts(smoke_run)
+    assert list(tmp_path.iterdir()) == [tmp_path / "topk_grid"]  # one run folder, no other
+    assert set(scratch.glob("saelib-topk_grid-process*")) == before  # process 1's folder is gone

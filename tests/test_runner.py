@@ -408,7 +408,7 @@ def test_resume_refuses_a_run_that_is_complete_or_still_running(tiny, tmp_path, 
     assert f"still running (pid {os.getpid()} on" in _refused(capsys, "--resume", str(live))
     assert "still running (pid 1 on other-host)" in _refused(capsys, "--resume", str(elsewhere))
     interrupted = _fake_run(tmp_path, "interrupted", status="interrupted", **here)
-    with runner._run_lock(interrupted):  # another process resuming it right now
+    with runner.run_lock(interrupted):  # another process resuming it right now
         assert "in use by another process" in _refused(capsys, "--resume", str(interrupted))
     for folder in (complete, live, elsewhere, interrupted):
         assert sorted(path.name for path in folder.iterdir()) == ["params.yaml", "status.json"]

@@ -279,9 +279,12 @@ def _harvest_into(
 
 
 def _process_group_size() -> int:
-    from torch import distributed
+    """The size of the process group (1 without one); a notebook kernel started by
+    ``python -m saelib run --processes N`` joins its group here."""
+    from saelib.training.distributed import join_launched_group, world_size
 
-    return distributed.get_world_size() if distributed.is_initialized() else 1
+    join_launched_group()
+    return world_size()
 
 
 def _harvest_in_group(

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelib.io import write_json
+from saelib.io import to_jsonable, write_json
 from saelib.saes import SAE
 from saelib.saes.coactivation import active_pair_keys, count_pairs, ordered_pairs
 
@@ -404,6 +404,15 @@ class SeparationRecorder:
             )
         for name, taken in stored["snapshots"].items():
             self.snapshots[name] = [SeparationSnapshot.from_dict(item) for item in taken]
+
+    def hook_state(self, name: str) -> dict | None:
+        """The snapshots of model ``name``: kept in its checkpoint, so a run that trained it in
+        another process (SAE parallel) or before an interruption hands them over."""
+        taken = self.snapshots.get(name)
+        return None if taken is None else {"snapshots": [to_jsonable(s) for s in taken]}
+
+    def load_hook_state(self, name: str, state: dict) -> None:
+        self.snapshots[name] = [SeparationSnapshot.from_dict(item) for item in state["snapshots"]]
 
     def save(self, path: str | Path) -> Path:
         return write_json(

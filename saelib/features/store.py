@@ -155,7 +155,7 @@ def feature_stats_for_checkpoint(
 
         lm = load_lm(harvest_config.model)
     stats = compute_feature_stats(sae, activations, lm, config, progress)
-    stats.metadata.update(expected, checkpoint=str(folder))
+    stats.metadata.update(expected, checkpoint=str(folder.resolve()))
     save_feature_stats(stats, folder / STATS_FOLDER)
     return stats
 

@@ -111,39 +111,63 @@ def run_study(
     outputs: Path | None = None,
     progress: bool = True,
     on_created: Callable[[Path], None] | None = None,
+    processes: int = 1,
+    parallel: str = "sae",
 ) -> Path:
     """Validate, execute the notebook into a new run folder, render HTML; return the folder.
 
     ``on_created`` is told the folder as soon as it exists. A failure re-raises the first error
-    (with a note naming the run folder); an interrupt raises :class:`RunInterrupted`.
+    (with a note naming the run folder); an interrupt raises :class:`RunInterrupted`. With
+    ``processes`` > 1 the notebook runs on that many processes under torchrun, training in the
+    ``parallel`` mode ("sae" or "data"; see :mod:`saelib.runs.launch`).
     """
+    from saelib.runs import launch
+
     study = get_study(name)
     params = resolve_params(study, params_file, overrides)  # errors here, before any compute
+    launch.check_launch(processes, parallel, study)
     run_dir = new_run_dir(name, outputs).absolute()
     if on_created is not None:
         on_created(run_dir)
     values = dataclasses.asdict(params)
-    with _run_lock(run_dir):
-        _execute(
+    if processes > 1:
+        write_text(run_dir / "params.yaml", yaml.safe_dump(values, sort_keys=False))
+        launch.launch(run_dir, processes, parallel, resume=False, progress=progress)
+        return run_dir
+    with run_lock(run_dir):
+        execute(
             study, run_dir, values, progress, params_yaml=yaml.safe_dump(values, sort_keys=False)
         )
     return run_dir
 
 
-def resume_run(run_dir: str | Path, study: str | None = None, progress: bool = True) -> Path:
+def resume_run(
+    run_dir: str | Path,
+    study: str | None = None,
+    progress: bool = True,
+    processes: int = 1,
+    parallel: str = "sae",
+) -> Path:
     """Re-execute a failed or interrupted run into its own folder with its ``params.yaml``
     (validated again); the study resumes from the checkpoints it finds there. Return the folder.
+    ``processes`` and ``parallel`` as for :func:`run_study`.
 
     Raises :class:`RunError` for a folder that is not a run, a complete run, a run still going,
     or a run of another study than ``study`` (when given).
     """
+    from saelib.runs import launch
+
     run_dir = Path(run_dir).absolute()
-    resumable(run_dir, study)  # the clear refusals first: complete, running (with its pid)
-    with _run_lock(run_dir):
+    found, _ = resumable(run_dir, study)  # the clear refusals first: complete, running (its pid)
+    launch.check_launch(processes, parallel, found)
+    if processes > 1:
+        launch.launch(run_dir, processes, parallel, resume=True, progress=progress)
+        return run_dir
+    with run_lock(run_dir):
         found, previous = resumable(run_dir, study)  # again: another resume may have finished
         path = run_dir / "params.yaml"
         params = parse_params(found.params_class, load_yaml(path), source=str(path))
-        _execute(found, run_dir, dataclasses.asdict(params), progress, previous=previous)
+        execute(found, run_dir, dataclasses.asdict(params), progress, previous=previous)
     return run_dir
 
 
@@ -184,7 +208,7 @@ def _status_from_files(study: str, run_dir: Path) -> str:
     return read_run(study, run_dir).status
 
 
-def _execute(
+def execute(
     study: Study,
     run_dir: Path,
     values: dict[str, Any],
@@ -201,7 +225,7 @@ def _execute(
                 write_text(run_dir / "params.yaml", params_yaml)
             for render in (".html", REPORT_SUFFIX):  # a previous attempt's renders
                 executed.with_suffix(render).unlink(missing_ok=True)
-            _papermill(study, executed, values | {"output_dir": str(run_dir)}, progress)
+            papermill_run(study, executed, values | {"output_dir": str(run_dir)}, progress)
             stage = "html"
             render_html(executed)
     except BaseException as error:
@@ -214,7 +238,7 @@ def _execute(
     _set_status(run_dir, state, "complete", finished=_now())
 
 
-def _papermill(study: Study, executed: Path, parameters: dict[str, Any], progress: bool) -> None:
+def papermill_run(study: Study, executed: Path, parameters: dict[str, Any], progress: bool) -> None:
     import papermill
 
     _atomic_notebook_saves()
@@ -243,6 +267,15 @@ def _record_failure(
             _quietly(_set_status, run_dir, state, "failed", **fields,
                      html_error=_one_line(render_error))  # fmt: skip
     error.add_note(f"run folder: {run_dir} (resume with: python -m saelib run --resume {run_dir})")
+
+
+def mark_failed(run_dir: Path, error: str, error_type: str = "ProcessFailed") -> dict[str, Any]:
+    """Record a run as failed from outside its notebook (a process of it died); returns the
+    status written."""
+    state = read_status(run_dir) or {"study": run_dir.parent.name}
+    state.pop("reason", None)
+    return _set_status(run_dir, state, "failed", stage="notebook", error_type=error_type,
+                       error=error)  # fmt: skip
 
 
 def _raise_if_interrupted(run_dir: Path, state: dict[str, Any], error: BaseException) -> None:
@@ -318,7 +351,7 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path) -> Iterator[None]:
     """One process at a time in a run folder: an exclusive lock on the folder itself."""
     try:
         with exclusive_lock(run_dir, wait=False):

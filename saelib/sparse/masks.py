@@ -78,6 +78,10 @@ class MaskedLinear(nn.Linear):
     def _keep_dense_grad(self, grad: Tensor) -> None:
         self.dense_grad = grad.detach()
 
+    def kept_gradients(self) -> list[Tensor]:
+        """Gradients held outside ``.grad`` (data-parallel training sums them as gradients)."""
+        return [] if self.dense_grad is None else [self.dense_grad]
+
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())

@@ -636,4 +636,5 @@ STUDY = Study(
     headlines=headlines,
     key_params=("model", "layer", "dataset", "max_tokens", "d_sae", "k", "seeds", "epochs"),
     controls=("run0", "relu_none", "topk_none"),
+    data_parallel=False,  # the ordering losses count firing within a batch
 )

@@ -349,4 +349,5 @@ STUDY = Study(
     key_params=("model", "layer", "dataset", "max_tokens", "d_sae", "k", "runs", "seeds",
                 "epochs", "penalty"),
     controls=CONTROLS,
+    data_parallel=False,  # the penalty's n_ij are counted within a batch
 )  # fmt: skip

@@ -32,7 +32,9 @@ class Study:
 
     ``headlines`` turns a run's results JSON (:class:`saelib.studies.results.StudyResults`)
     into a few numbers for the index page; ``key_params`` are shown beside them; ``controls``
-    are runs drawn as controls (grey) in bar charts.
+    are runs drawn as controls (grey) in bar charts. ``data_parallel`` says whether its training
+    may split each batch over processes (``--parallel data``): not when a loss keeps statistics
+    of the rows it sees.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Study:
     headlines: Callable[[dict[str, Any]], dict[str, Headline]]
     key_params: tuple[str, ...] = ()
     controls: tuple[str, ...] = field(default=())
+    data_parallel: bool = True
 
     @property
     def notebook(self) -> Path:

@@ -13,18 +13,21 @@ initialised (otherwise every mode trains as ``"none"``, in one process):
 - ``"sae"``: the specs are dealt out round-robin (spec ``i`` trains on process
   ``i % world_size``); each process trains its share on the same batches, with no traffic, and
   writes its own models' checkpoints. ``train_saes`` returns the results of a process's own
-  specs; with a ``checkpoint_dir``, process 0 returns every spec's result, in spec order,
-  loaded from the others' final checkpoints.
+  specs; with a ``checkpoint_dir``, every process returns every spec's result, in spec order,
+  the others' loaded from their final checkpoints (with the state hooks keep per model).
 
 A data-parallel run trains to the weights of a one-process run with the same global batch
 (up to float rounding) when its loss is a mean over rows, given statistics of the whole batch:
 ``TopKLoss`` completes its batch statistics (AuxK's per-dimension variance, the ``"fvu"``
-denominator) over every process's slice with :func:`batch_sum`, so its every form is exact. A
-loss that keeps state from the batch sees only its process's slice: a firing tracker
-(``OrderingLoss``) counts the slice, so a hook that re-sorts latents by it
-(``ResortByFrequency``) would permute the models differently on each process: train those in
-SAE mode. Hooks run on every process (data mode: on identical models; SAE mode: on the
-process's own models) and must act the same on each.
+denominator) over every process's slice with :func:`batch_sum`, and ``L1Loss`` its adaptive
+coefficient, so their every form is exact. A loss that keeps statistics of the rows it sees
+would see only its process's slice: ``OrderingLoss`` (its firing tracker) and
+``OrthogonalTopKLoss`` (its n_ij) declare ``data_parallel_exact = False`` and are refused in
+data mode before any step: train those in SAE mode. Hooks run on every process (data mode: on
+identical models; SAE mode: on the process's own models) and must act the same on each.
+
+Under a data- or SAE-parallel run, every process checkpoints into process 0's
+``checkpoint_dir`` (it must be a folder all of them reach).
 
 Launch a script that calls ``train_saes`` under torchrun, unchanged::
 
@@ -32,9 +35,11 @@ Launch a script that calls ``train_saes`` under torchrun, unchanged::
 
 (``-m package.module`` in place of the script path runs a module). The launcher initialises the
 process group (:func:`init_from_env`) and makes ``--parallel`` the mode of every ``train_saes``
-call whose config leaves ``parallel`` at ``"none"``. A script of one's own may instead call
-:func:`init_from_env` and set ``TrainConfig(parallel=...)``, then run as
-``torchrun --nproc_per_node 2 train.py``.
+call whose config leaves ``parallel`` at ``"none"`` (through ``$SAELIB_PARALLEL``, which
+``python -m saelib run --processes N`` sets for the notebook kernels it starts under torchrun:
+those join the group on their first ``harvest`` or ``train_saes``, see
+:func:`join_launched_group`). A script of one's own may instead call :func:`init_from_env` and
+set ``TrainConfig(parallel=...)``, then run as ``torchrun --nproc_per_node 2 train.py``.
 
 Every helper here is a no-op (or the one-process answer) when no multi-process group is set up.
 """
@@ -59,9 +64,12 @@ __all__ = [
     "barrier",
     "batch_rows",
     "batch_sum",
+    "from_main",
     "init_from_env",
     "is_distributed",
     "is_main",
+    "join_launched_group",
+    "launch_mode",
     "main",
     "mode",
     "rank",
@@ -72,7 +80,7 @@ Parallel = Literal["none", "data", "sae"]
 PARALLEL_MODES: tuple[str, ...] = Parallel.__args__
 T = TypeVar("T")
 
-_launch_mode: Parallel = "none"  # set by the launcher for configs that leave `parallel` at "none"
+LAUNCH_VARIABLE = "SAELIB_PARALLEL"  # the launchers' mode for configs that leave "none"
 _in_sharded_loss: ContextVar[bool] = ContextVar("saelib_in_sharded_loss", default=False)
 
 
@@ -91,6 +99,22 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     return True
+
+
+def launch_mode() -> Parallel:
+    """The mode a launcher asked for (``$SAELIB_PARALLEL``), "none" without one."""
+    requested = os.environ.get(LAUNCH_VARIABLE, "none")
+    if requested not in PARALLEL_MODES:
+        raise ValueError(f"${LAUNCH_VARIABLE} must be one of {PARALLEL_MODES}, got {requested!r}")
+    return requested
+
+
+def join_launched_group() -> bool:
+    """In a process a launcher started under torchrun with a mode (a study notebook's kernel):
+    initialise the process group if that is not done yet. Returns whether one is initialised."""
+    if launch_mode() == "none":
+        return dist.is_available() and dist.is_initialized()
+    return init_from_env()
 
 
 def is_distributed() -> bool:
@@ -116,8 +140,17 @@ def mode(requested: Parallel) -> Parallel:
     that is "none"), and "none" whenever there is no multi-process group."""
     if requested not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {requested!r}")
-    chosen = requested if requested != "none" else _launch_mode
+    chosen = requested if requested != "none" else launch_mode()
     return chosen if is_distributed() else "none"
+
+
+def from_main(value: T) -> T:
+    """Process 0's ``value`` on every process (a picklable object; ``value`` itself alone)."""
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def barrier() -> None:
@@ -205,17 +238,23 @@ def broadcast_module(module: nn.Module) -> None:
 def sum_gradients(module: nn.Module, weight: float) -> None:
     """Each gradient becomes the sum over processes of ``weight`` times the local one: the
     global batch's gradient when each local loss is a mean over ``weight`` of the rows. A
-    parameter with a gradient on some process only gets zeros elsewhere."""
+    parameter with a gradient on some process only gets zeros elsewhere. Gradients a submodule
+    keeps elsewhere (``kept_gradients()``: a masked layer's dense gradient, which RigL grows
+    by) are summed alike."""
     if not is_distributed():
         return
+    kept = [grad for sub in module.modules() for grad in _kept_gradients(sub)]
+    for grad in kept:
+        grad.mul_(weight)
+    pending = [dist.all_reduce(grad, async_op=True) for grad in kept]
     parameters = [p for p in module.parameters() if p.requires_grad]
     if not parameters:
+        _wait(pending)
         return
     device = parameters[0].device
     flags = [parameter.grad is not None for parameter in parameters]
     has_grad = torch.tensor(flags, dtype=torch.uint8, device=device)
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    pending = []
     for parameter, anywhere in zip(parameters, has_grad.tolist(), strict=True):
         if not anywhere:
             continue
@@ -223,6 +262,15 @@ def sum_gradients(module: nn.Module, weight: float) -> None:
             parameter.grad = torch.zeros_like(parameter)
         parameter.grad.mul_(weight)
         pending.append(dist.all_reduce(parameter.grad, async_op=True))
+    _wait(pending)
+
+
+def _kept_gradients(module: nn.Module) -> list[Tensor]:
+    method = getattr(module, "kept_gradients", None)
+    return method() if method is not None else []
+
+
+def _wait(pending: list) -> None:
     for work in pending:
         work.wait()
 
@@ -269,8 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.module is None and not args.target:
         parser.error("give a script to run, or -m MODULE")
-    global _launch_mode
-    _launch_mode = args.parallel
+    previous = os.environ.get(LAUNCH_VARIABLE)
+    os.environ[LAUNCH_VARIABLE] = args.parallel
     init_from_env()
     try:
         if args.module is not None:
@@ -282,10 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if previous is None:
+            os.environ.pop(LAUNCH_VARIABLE, None)
+        else:
+            os.environ[LAUNCH_VARIABLE] = previous
 
 
 if __name__ == "__main__":
-    # run as `-m`, this file is __main__: set the mode in the module that train_saes reads
-    from saelib.training.distributed import main as _main
-
-    _main()
+    main()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes import SAE, SAEOutput
+from saelib.training.distributed import batch_rows, batch_sum
 from saelib.training.losses import (
     ReconstructionLoss,
     TrainState,
@@ -68,7 +69,8 @@ class L1Loss:
 def adaptive_coefficient(x: Tensor, recon: Tensor, base: float, cosine_floor: float) -> Tensor:
     """``base / clamp(mean_b cos(x_b, x_hat_b), cosine_floor, 1)``, a float32 scalar without
     gradient (the penalty's weight follows reconstruction quality; it is not optimised)."""
-    cosine = torch.cosine_similarity(x.float(), recon.detach().float(), dim=-1).mean()
+    cosines = torch.cosine_similarity(x.float(), recon.detach().float(), dim=-1)
+    cosine = batch_sum(cosines.sum()) / batch_rows(x)  # the global batch's, in data parallel
     return base / cosine.clamp(cosine_floor, 1.0)
 
 

@@ -287,18 +287,22 @@ def train_saes(
     Each batch is moved to the device as it is used.
 
     Under torchrun with ``config.parallel="data"``, every process returns the same results;
-    with "sae", a process returns its own specs' results, except process 0 with a
-    ``checkpoint_dir``: every spec's, in order (see :mod:`saelib.training.distributed`).
+    with "sae", a process returns its own specs' results, or with a ``checkpoint_dir`` every
+    spec's, in order (see :mod:`saelib.training.distributed`).
     """
+    distributed.join_launched_group()
     source = as_source(data)
     _check_specs(specs, source)
     device = pick_device(config.device)
     total = config.total_steps(source.n_rows)
+    parallel = distributed.mode(config.parallel)
+    if parallel != "none":  # one checkpoint folder for all: process 0's
+        checkpoint_dir = distributed.from_main(checkpoint_dir)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     data_key = data_key or source.fingerprint()
-    parallel = distributed.mode(config.parallel)
     if parallel == "data":
         distributed.check_batch_split(config.batch_size, source.n_rows, total)
+        _check_data_parallel(specs)
     mine = distributed.owned(specs) if parallel == "sae" else specs
     runs = [
         _start_run(spec, config, device, total, folder, resume, data_key, hooks) for spec in mine
@@ -326,13 +330,12 @@ def train_saes(
         _show_progress(bar, runs, progress)
     if parallel == "sae" and folder is not None:
         distributed.barrier()  # every process's final checkpoints are written
-        if distributed.is_main():
-            trained = {run.spec.name: run for run in runs}
-            runs = [
-                trained.get(spec.name)
-                or _load_finished(spec, config, device, total, folder, data_key, hooks)
-                for spec in specs
-            ]
+        trained = {run.spec.name: run for run in runs}
+        runs = [
+            trained.get(spec.name)
+            or _load_finished(spec, config, device, total, folder, data_key, hooks)
+            for spec in specs
+        ]
     return _results(runs, folder)
 
 
@@ -385,6 +388,17 @@ def _check_specs(specs: Sequence[TrainSpec], source: ActivationSource) -> None:
                 check(spec.model)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"model {spec.name!r}: {error}") from None
+
+
+def _check_data_parallel(specs: Sequence[TrainSpec]) -> None:
+    """Refuse, before any step, a loss that a slice of the batch cannot train exactly."""
+    for spec in specs:
+        if not getattr(spec.loss, "data_parallel_exact", True):
+            raise ValueError(
+                f"parallel='data': the loss of {spec.name!r} ({type(spec.loss).__name__}) keeps "
+                "statistics of its process's slice of each batch, so processes would train "
+                "different models; train it with parallel='sae'"
+            )
 
 
 def _start_run(

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -203,6 +203,8 @@ class OrderingLoss:
     eps: float = EPS
     decay: float = 0.99
     _tracker: FrequencyTracker = field(init=False, repr=False)
+    # the tracker counts the firing of the rows it is given: a process's slice in data parallel
+    data_parallel_exact: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.kind not in ORDERING_KINDS:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -376,6 +376,8 @@ class OrthogonalTopKLoss:
 
     penalty: OrthogonalityPenalty
     base: TopKLoss = field(default_factory=TopKLoss)
+    # n_ij counts pairs within the rows it is given: a process's slice in data parallel
+    data_parallel_exact: ClassVar[bool] = False
 
     def __call__(self, sae: SAE, x: Tensor, output: SAEOutput, state: TrainState):
         terms = self.base(sae, x, output, state)

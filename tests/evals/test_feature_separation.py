@@ -163,6 +163,21 @@ def test_recorder_with_a_path_survives_an_interrupted_run(tmp_path, toy_acts, ma
         SeparationRecorder(toy_acts[:200], total_steps=16, path=path)
 
 
+def test_recorder_snapshots_come_back_from_the_checkpoints(tmp_path, toy_acts, make_sae):
+    """What another process's recorder took (SAE parallel): read back with the finished SAE."""
+    config = TrainConfig(lr=1e-2, batch_size=128, epochs=1, device="cpu")
+    checkpoints = tmp_path / "checkpoints"
+    trained = SeparationRecorder(toy_acts[:200], (0.5, 1.0), total_steps=8)
+    train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
+               hooks=[trained], progress=False)  # fmt: skip
+    elsewhere = SeparationRecorder(toy_acts[:200], (0.5, 1.0), total_steps=8)
+    [result] = train_saes([SAESpec("sae", make_sae())], toy_acts, config, checkpoints,
+                          hooks=[elsewhere], progress=False)  # fmt: skip
+    assert result.status == "complete"  # loaded, not trained again
+    assert [s.step for s in elsewhere.snapshots["sae"]] == [4, 8]
+    assert elsewhere.snapshots == trained.snapshots
+
+
 def _numbers(value) -> list[float]:
     if isinstance(value, dict):
         return [x for item in value.values() for x in _numbers(item)]
