@@ -70,11 +70,14 @@ def launch(run_dir: Path, processes: int, parallel: str, resume: bool, progress:
     except KeyboardInterrupt:
         raise runner.RunInterrupted("KeyboardInterrupt", run_dir) from None
     state = runner.read_status(run_dir) or {}
-    if state.get("status") == "complete" and exit_status == 0:
+    status = state.get("status")
+    if status == "complete" and exit_status == 0:
         return
-    if state.get("status") == "interrupted" and exit_status in (0, 130):
+    # torchrun stops the other processes with SIGTERM when one fails; a user's stop is SIGINT
+    stopped_by_torchrun = status == "interrupted" and state.get("reason") == "SIGTERM"
+    if status == "interrupted" and not (stopped_by_torchrun and exit_status != 0):
         raise runner.RunInterrupted(state.get("reason", "interrupted"), run_dir)
-    if state.get("status") in ("interrupted", "running", None):  # another process failed
+    if status != "failed":  # another process failed (its error is in the log above)
         error = f"a process of the run failed (torchrun exit status {exit_status}); see above"
         state = runner.mark_failed(run_dir, error)
     raise RunFailed(f"{state.get('error_type')}: {state.get('error')}", run_dir)
