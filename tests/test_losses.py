@@ -153,15 +153,18 @@ def test_topk_loss_refuses_a_model_without_an_auxk_encoder(make_sae, toy_acts):
 
 @pytest.mark.parametrize("k_aux", [4, 32])  # fewer and more than the 10 dead latents
 def test_auxk_dense_path_over_dead_latents_equals_the_sparse_path(make_sae, toy_acts, dead, k_aux):
-    x = toy_acts[:64]
     results = []
     for dense_factor in (0.0, 100.0):  # the sparse path, then the dense one
-        sae = make_sae(d_sae=D_SAE)
-        output = sae(x)
+        sae = make_sae(d_sae=D_SAE).double()  # float64: the two sum in different orders
+        with torch.no_grad():  # non-zero biases, so that each enters the gradients
+            sae.b_dec.fill_(0.5)
+            sae.b_enc.copy_(torch.linspace(-0.2, 0.2, D_SAE))
+        x = toy_acts[:64].double().requires_grad_()
+        output = sae(x.detach())
         error_hat = sae.decode_aux(x, output.pre_acts, dead, k_aux, dense_factor=dense_factor)
         error_hat.pow(2).sum().backward()
-        grads = (sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad)
+        grads = (sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad, x.grad)
         results.append((error_hat.detach(), *grads))
     for sparse, dense in zip(*results, strict=True):
-        torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dense, sparse, rtol=1e-10, atol=1e-12)
     assert results[0][1].abs().sum() > 0

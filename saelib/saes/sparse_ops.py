@@ -92,6 +92,37 @@ class _GatherPreacts(torch.autograd.Function):
         return grad_x, grad_b_dec, grad_W, grad_b if needs_b else None, None, None, None
 
 
+class _PreactColumns(torch.autograd.Function):
+    """Some columns of the pre-activations, given their values, with the gradients of
+    pre = (x - b_dec) W^T + b, where W and b are those columns' encoder rows and bias.
+
+    The forward passes the values through (they are columns of the dense encoder product
+    already computed under no_grad): no second encoder product. The backward is the dense one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W, b, values):
+        ctx.save_for_backward(x, b_dec, W)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, b_dec, W = ctx.saved_tensors
+        grad = grad.to(W.dtype)  # bf16 under autocast
+        needs_x, needs_b_dec, needs_W, needs_b = ctx.needs_input_grad[:4]
+        grad_b = grad.sum(dim=0)
+        grad_x = grad @ W if needs_x else None
+        grad_W = torch.addr(grad.T @ x, grad_b, b_dec, alpha=-1) if needs_W else None
+        grad_b_dec = -(grad_b @ W) if needs_b_dec else None  # a vector times W, as above
+        return grad_x, grad_b_dec, grad_W, grad_b if needs_b else None, None
+
+
+def preact_columns(x: Tensor, b_dec: Tensor, W: Tensor, b: Tensor, values: Tensor) -> Tensor:
+    """Differentiable ``(x - b_dec) @ W.T + b`` given its ``values`` (W, b: some latents'
+    encoder rows and biases)."""
+    return _PreactColumns.apply(x, b_dec, W, b, values)
+
+
 def _sparse_transpose_matmul(values: Tensor, bags: LatentBags, x: Tensor) -> Tensor:
     """G^T @ x where G is (batch, n_latents) with ``values`` at the bags' indices, else zeros.
 

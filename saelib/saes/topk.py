@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saelib.saes.base import SAE, SAEConfig, SAEOutput, register
-from saelib.saes.sparse_ops import LatentBags, gather_preacts, sparse_decode, top_k
+from saelib.saes.sparse_ops import LatentBags, gather_preacts, preact_columns, sparse_decode, top_k
 
 # AuxK over the dead latents with dense products while they number at most this many times
 # k_aux (TopKSAE.decode_aux): on CPU (d_in 576, k_aux 288, batch 1024) it took a third of the
@@ -90,26 +90,23 @@ class TopKSAE(SAE):
         """AuxK's estimate of the error, without the decoder bias: the top-``k_aux`` dead
         latents of each row, decoded.
 
-        While the dead latents are few (at most ``dense_factor * k_aux``), two dense products
-        over the dead latents alone do it: their pre-activations (with gradient), zeroed outside
-        each row's top ``k_aux``, times their decoder rows. That is faster than gathering and
-        scattering k_aux of d_sae latents per row (:meth:`encode_aux`, used beyond it) and gives
-        the same values and gradients.
+        While the dead latents are few (at most ``dense_factor * k_aux``), dense products over
+        the dead latents alone do it: their columns of ``pre_acts``, zeroed outside each row's
+        top ``k_aux`` (a zero activates nothing and passes no gradient through the ReLU), with
+        the encoder's gradients of those columns, times their decoder rows. That is faster than
+        gathering and scattering k_aux of d_sae latents per row (:meth:`encode_aux`, used beyond
+        it) and gives the same values and gradients.
         """
         dead_ids = dead.nonzero().squeeze(1)
         if len(dead_ids) > dense_factor * k_aux:
             acts, indices = self.encode_aux(x, pre_acts, dead, k_aux)
             return sparse_decode(acts, indices, self.W_dec)
-        W_dead = self.W_enc[dead_ids]
-        # (x - b_dec) W^T + b as x W^T + (b - b_dec W^T): the data needs no gradient, so b_dec's
-        # is a vector times W instead of a (batch x dead) x (dead x d_in) product
-        bias = self.b_enc[dead_ids] - W_dead @ self.b_dec
-        acts = torch.relu(torch.addmm(bias, x, W_dead.T))
+        values = pre_acts.index_select(1, dead_ids)
         if k_aux < len(dead_ids):
-            with torch.no_grad():
-                chosen = pre_acts[:, dead_ids].topk(k_aux, dim=-1, sorted=False).indices
-                keep = torch.zeros_like(acts, dtype=torch.bool).scatter_(1, chosen, True)
-            acts = acts * keep
+            top, chosen = values.topk(k_aux, dim=-1, sorted=False)
+            values = torch.zeros_like(values).scatter_(1, chosen, top)
+        W, b = self.W_enc[dead_ids], self.b_enc[dead_ids]
+        acts = torch.relu(preact_columns(x, self.b_dec, W, b, values))
         return acts @ self.W_dec[dead_ids]
 
     def on_first_batch(self, batch: Tensor) -> None:
