@@ -120,8 +120,8 @@ class SAE(nn.Module):
         """Drop the gradient component along each decoder direction (it only changes the norm)."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)[:, None]
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)  # no (d_sae, d_in) temporary
 
     def before_optimizer_step(self) -> None:
         """Keep the update from changing the decoder norms (they are renormalised anyway)."""
