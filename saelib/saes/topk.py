@@ -105,9 +105,10 @@ class TopKSAE(SAE):
         if k_aux < len(dead_ids):
             top, chosen = values.topk(k_aux, dim=-1, sorted=False)
             values = torch.zeros_like(values).scatter_(1, chosen, top)
-        W, b = self.W_enc[dead_ids], self.b_enc[dead_ids]
+        # index_select, not [dead_ids]: its backward (index_add_) beats index_put_'s with threads
+        W, b = self.W_enc.index_select(0, dead_ids), self.b_enc.index_select(0, dead_ids)
         acts = torch.relu(preact_columns(x, self.b_dec, W, b, values))
-        return acts @ self.W_dec[dead_ids]
+        return acts @ self.W_dec.index_select(0, dead_ids)
 
     def on_first_batch(self, batch: Tensor) -> None:
         """Before the first training step: place the decoder bias."""
