@@ -85,7 +85,7 @@ class SparsAEParams:
     ablation_sparsity: float = 0.8
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # training, the same for every model: max_tokens / (batch_size * context) steps
-    max_tokens: int = 614_400  # 600 steps of 16 rows of 64 tokens
+    max_tokens: int = 512_000  # 500 steps of 16 rows of 64 tokens
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 40
