@@ -28,7 +28,8 @@ def top_k(pre_acts: Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[Tensor, T
     torch.topk costs 3-7 ns per value on CPU; a max over strided chunks is a vectorised pass.
     """
     batch, d = pre_acts.shape
-    if pre_acts.device.type != "cpu" or d % chunk or 2 * k * chunk > d:
+    quick_already = k < 8 and d <= 2048  # torch.topk: up to 2x faster there (batch 256..1024)
+    if pre_acts.device.type != "cpu" or d % chunk or 2 * k * chunk > d or quick_already:
         return pre_acts.topk(k, dim=-1, sorted=False)
     n_chunks = d // chunk
     maxima = pre_acts.reshape(batch, chunk, n_chunks).amax(dim=1)
