@@ -24,6 +24,7 @@ import ipywidgets as widgets
 import torch
 
 from saelib.features.stats import FeatureStats
+from saelib.studies.record import CHECKPOINTS_FOLDER
 
 SORT_OPTIONS = [("latent id", "id"), ("density", "density"), ("max activation", "max_activation")]
 NEIGHBOUR_KINDS = {"coactive": "co-activating", "similar": "decoder-similar"}
@@ -448,7 +449,7 @@ def checkpoint_folders(
 ) -> dict[str, Path]:
     """``{name: folder}`` of the run's checkpoints: ``names``, or ``n`` of them spread through
     its seed-0 checkpoints (through all of them when none is seed 0)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINTS_FOLDER
     configs = {
         path.name: json.loads((path / "config.json").read_text())
         for path in folder.iterdir()

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING
 
 from saelib.params import ParamsError, load_yaml, parse_params
 from saelib.runs import runner
+from saelib.studies.record import CHECKPOINTS_FOLDER
 from saelib.training.distributed import LAUNCH_VARIABLE
 
 if TYPE_CHECKING:
     from saelib.studies import Study
 
 PARALLEL_CHOICES = ("sae", "data")
-CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder, in every study
 
 
 def check_launch(processes: int, parallel: str, study: Study) -> None:
@@ -108,7 +108,8 @@ def _execute_here(run_dir: Path, resume: bool, progress: bool) -> None:
         return
     with tempfile.TemporaryDirectory(prefix=f"saelib-{study.name}-process{rank}-") as scratch:
         # the checkpoints are shared: what the notebook reads back after training is process 0's
-        (Path(scratch) / CHECKPOINTS).symlink_to(run_dir / CHECKPOINTS, target_is_directory=True)
+        shared = run_dir / CHECKPOINTS_FOLDER
+        (Path(scratch) / CHECKPOINTS_FOLDER).symlink_to(shared, target_is_directory=True)
         executed = Path(scratch) / f"{study.name}.ipynb"
         runner.papermill_run(study, executed, values | {"output_dir": scratch}, progress=False)
 

@@ -17,6 +17,7 @@ STUDIES_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = STUDIES_DIR / "notebooks"
 PARAMS_DIR = STUDIES_DIR / "params"
 RESULTS_FILE = "results.json"  # written by every study (saelib.studies.results)
+CHECKPOINTS_FOLDER = "checkpoints"  # in a run folder: every study's checkpoint_dir
 
 
 class Headline(NamedTuple):

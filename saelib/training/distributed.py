@@ -244,25 +244,11 @@ def sum_gradients(module: nn.Module, weight: float) -> None:
     if not is_distributed():
         return
     kept = [grad for sub in module.modules() for grad in _kept_gradients(sub)]
-    for grad in kept:
-        grad.mul_(weight)
-    pending = [dist.all_reduce(grad, async_op=True) for grad in kept]
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    if not parameters:
-        _wait(pending)
-        return
-    device = parameters[0].device
-    flags = [parameter.grad is not None for parameter in parameters]
-    has_grad = torch.tensor(flags, dtype=torch.uint8, device=device)
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    for parameter, anywhere in zip(parameters, has_grad.tolist(), strict=True):
-        if not anywhere:
-            continue
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-        parameter.grad.mul_(weight)
-        pending.append(dist.all_reduce(parameter.grad, async_op=True))
-    _wait(pending)
+    pending = [dist.all_reduce(grad.mul_(weight), async_op=True) for grad in kept]
+    for grad in _parameter_gradients(module):
+        pending.append(dist.all_reduce(grad.mul_(weight), async_op=True))
+    for work in pending:
+        work.wait()
 
 
 def _kept_gradients(module: nn.Module) -> list[Tensor]:
@@ -270,9 +256,20 @@ def _kept_gradients(module: nn.Module) -> list[Tensor]:
     return method() if method is not None else []
 
 
-def _wait(pending: list) -> None:
-    for work in pending:
-        work.wait()
+def _parameter_gradients(module: nn.Module) -> list[Tensor]:
+    """The gradients to sum: of every trainable parameter that has one on some process (zeros
+    where it has none)."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    if not parameters:
+        return []
+    flags = [parameter.grad is not None for parameter in parameters]
+    has_grad = torch.tensor(flags, dtype=torch.uint8, device=parameters[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    chosen = [p for p, anywhere in zip(parameters, has_grad.tolist(), strict=True) if anywhere]
+    for parameter in chosen:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    return [parameter.grad for parameter in chosen]
 
 
 def sum_terms(terms: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
